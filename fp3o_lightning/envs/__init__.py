@@ -1,0 +1,29 @@
+"""Environments for FP3O: batched, multi-agent TorchRL environments selected by name with :func:`make_env`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchrl.envs import EnvBase
+
+from fp3o_lightning.envs.mamujoco import MaMuJoCoEnv
+
+__all__ = ["ENV_REGISTRY", "MaMuJoCoEnv", "make_env"]
+
+#: Environment classes by name (smacv2, smax and vmas will be added here).
+ENV_REGISTRY: dict[str, type[EnvBase]] = {"mamujoco": MaMuJoCoEnv}
+
+
+def make_env(name: str, **kwargs: Any) -> EnvBase:
+    """Build the env registered as ``name`` with ``kwargs``, e.g. ``make_env("mamujoco", scenario=...)``.
+
+    Raises:
+        ValueError: if ``name`` is not registered; the message lists the valid names.
+    """
+    try:
+        env_cls = ENV_REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown env name {name!r}; valid names: {', '.join(sorted(ENV_REGISTRY))}."
+        ) from None
+    return env_cls(**kwargs)
