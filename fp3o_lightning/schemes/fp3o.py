@@ -1,0 +1,55 @@
+"""FP3O: the independence phase, then the factor-weighted dependence phase (paper Eq. 9 and 10)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from fp3o_lightning.objectives import dependence_factor, dependence_gate, non_overlapping_selection
+from fp3o_lightning.schemes.base import UpdateScheme
+
+if TYPE_CHECKING:
+    from fp3o_lightning.module import FP3OModule
+
+
+class FP3O(UpdateScheme):
+    """Full-Pipeline PPO, following the paper's official ``train()`` loop.
+
+    1. **independence phase**: ``ppo_epochs x num_minibatches`` of PPO-clip on every agent with
+       factor 1, giving the middle policy ``theta_mid``;
+    2. with no grad, ``r_k = pi_mid^k / pi_old^k`` on the whole batch;
+    3. **non-overlapping selection**: a seeded random order of separated agents ``i_p`` and the
+       selected agents ``j_p = i_(p+1 mod n)``. Each agent is selected by exactly one pipeline, so
+       agent ``j_p``'s factor is the product of every other agent's middle ratio;
+    4. **gate**: the dependence phase runs only if it does not lower the batch surrogate;
+    5. **dependence phase**: another ``ppo_epochs x num_minibatches`` from ``theta_mid`` with agent
+       ``j``'s surrogate weighted by ``factor_j`` (detached); ``r_j`` is against the rollout policy.
+
+    The critic is trained on every minibatch of both phases.
+    """
+
+    name = "fp3o"
+
+    def update(self, module: FP3OModule, batch: TensorDictBase) -> dict[str, Tensor]:
+        old_log_prob = batch["agents", "action_log_prob"]
+        independence = module.ppo_phase(batch)
+        with torch.no_grad():
+            middle = module.policy.distribution(batch["agents", "observation"])
+            middle_log_prob = middle.log_prob(batch["agents", "action"])
+        separated_agent, selected_agent = non_overlapping_selection(module.n_agents, module.generator)
+        # Agent j = j_p is optimised in pipeline p; its factor multiplies the middle ratios of -j_p.
+        factor = dependence_factor(middle_log_prob, old_log_prob)
+        gate = dependence_gate(middle_log_prob, old_log_prob, batch["advantage"], module.all_reduce_sum)
+        stats = {f"{key}_independence": value for key, value in independence.items()}
+        stats["kl_old_middle"] = module.kl_from_rollout(batch, middle)
+        stats["gate"] = torch.tensor(float(gate))
+        stats["factor_mean"] = factor.mean(0)
+        stats["separated_agent"] = separated_agent.float()
+        stats["selected_agent"] = selected_agent.float()
+        if gate:
+            dependence = module.ppo_phase(batch, factor=factor)
+            stats.update({f"{key}_dependence": value for key, value in dependence.items()})
+        return stats

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small FP3O module attached to a Trainer, and a real rollout batch."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from fp3o_lightning.module import FP3OModule
+
+SMALL = {
+    "env": {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 100},
+    "num_envs": 2,
+    "rollout_length": 64,
+    "num_minibatches": 4,
+    "ppo_epochs": 2,
+    "actor_lr": 1e-3,
+    "critic_lr": 1e-3,
+}
+
+
+def small_module(**overrides) -> FP3OModule:
+    kwargs = {**SMALL, "total_frames": SMALL["num_envs"] * SMALL["rollout_length"], **overrides}
+    return FP3OModule(**kwargs)
+
+
+def fit_quietly(module: FP3OModule, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(module)
+    return trainer
+
+
+@pytest.fixture
+def fitted_module() -> FP3OModule:
+    """A module after one real training iteration, still attached to its trainer and optimisers."""
+    module = small_module(sharing="nops")
+    fit_quietly(module)
+    return module
+
+
+def rollout_batch(module: FP3OModule, steps: int = 64):
+    """A fresh rollout of the current policy, turned into the flat update batch."""
+    env = module.make_env(seed=123)
+    with torch.no_grad():
+        rollout = env.rollout(steps, module.make_actor(), break_when_any_done=False)
+    env.close()
+    return module.compute_advantages(rollout)[0]

@@ -1,0 +1,137 @@
+"""End-to-end: the CLI writes an MLflow run, configs parse, bad input is rejected, DDP stays in sync."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from fp3o_lightning.cli import main
+from fp3o_lightning.module import FP3OModule
+
+from .conftest import SMALL, fit_quietly, small_module
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_fit_writes_an_mlflow_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 40}
+    main(
+        [
+            "fit",
+            f"--model.env={json.dumps(env)}",
+            "--model.num_envs=2",
+            "--model.rollout_length=64",
+            "--model.total_frames=256",
+            "--model.num_minibatches=4",
+            "--model.ppo_epochs=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fp3o")
+    (run,) = client.search_runs([experiment.experiment_id])
+    metrics = set(run.data.metrics)
+    expected = {
+        "train/frames",
+        "train/fps",
+        "train/episode_return",
+        "train/value_loss_independence",
+        "train/value_loss_dependence",
+        "train/explained_variance",
+        "train/entropy_independence",
+        "train/gate",
+        "train/clip_fraction_independence",
+        "train/clip_fraction_dependence",
+    }
+    for agent in range(3):
+        expected |= {f"agent_{agent}/kl_old_middle", f"agent_{agent}/kl_old_new"}
+    assert expected <= metrics, expected - metrics
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/fps")]
+    assert steps == [128, 256]  # the step is the environment frame count
+    assert run.data.params["actor_lr"] == "1e-05" and run.data.params["algorithm"] == "fp3o"
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "config.yaml" in artifacts
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert "total_frames: 256" in Path(config).read_text()
+    assert (tmp_path / "mlartifacts").is_dir()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "clip_epsilon" in printed and "scenario" in printed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sharing": "full"}, "model.sharing='full'"),
+        ({"algorithm": "ppo2"}, "model.algorithm='ppo2'"),
+        ({"num_minibatches": 5}, "model.num_minibatches=5 does not divide"),
+        ({"actor_lr": 0.0}, "model.actor_lr=0.0 must be > 0"),
+        ({"clip_epsilon": -0.1}, "model.clip_epsilon=-0.1 must be > 0"),
+        ({"gamma": 1.5}, "model.gamma=1.5 must lie in"),
+    ],
+)
+def test_invalid_hyperparameters_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        FP3OModule(**{**SMALL, **overrides})
+
+
+def test_same_seed_same_parameters_after_training():
+    first, second = small_module(seed=3), small_module(seed=3)
+    for module in (first, second):
+        fit_quietly(module)
+    for a, b in zip(first.policy.parameters(), second.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, lightning as L
+    sys.path.insert(0, {root!r})
+    from tests.conftest import small_module
+
+    class CheckSync(L.Callback):
+        def on_train_end(self, trainer, module):
+            state = [*module.parameters(), *module.buffers()]  # buffers: the value normaliser's statistics
+            flat = torch.cat([t.detach().double().flatten() for t in state])
+            gathered = trainer.strategy.all_gather(flat)
+            if trainer.is_global_zero:
+                spread = (gathered - gathered[0]).abs().max().item()
+                open({out!r}, "w").write(f"{{spread}} {{module.frames}} {{module.iteration}}")
+
+    module = small_module(total_frames=512)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[CheckSync()])
+    trainer.fit(module)
+    """
+)
+
+
+def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path):
+    out = tmp_path / "ddp.txt"
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(out)))
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    spread, frames, iterations = out.read_text().split()
+    assert float(spread) == 0.0
+    # 512 frames over 2 processes of 128 frames per iteration: 2 iterations, 512 frames counted
+    assert (int(frames), int(iterations)) == (512, 2)
