@@ -14,17 +14,15 @@ import time
 
 import numpy as np
 import torch
+from torchrl.envs import EnvBase
 
 
-def bench_torchrl(scenario: str, agent_conf: str | None, num_envs: int, steps: int, seed: int) -> float:
-    """Return frames/s of ``MaMuJoCoEnv.step_and_maybe_reset`` with a prebuilt random action tensor."""
-    from fp3o_lightning.envs import MaMuJoCoEnv
-
-    env = MaMuJoCoEnv(scenario, agent_conf, num_envs=num_envs, seed=seed)
+def env_frames_per_second(env: EnvBase, steps: int, seed: int) -> float:
+    """Frames/s of ``env.step_and_maybe_reset`` with a prebuilt random action tensor (20 warm-up steps)."""
     torch.manual_seed(seed)
     action = env.full_action_spec[("agents", "action")].rand()
     td = env.reset()
-    iters = max(1, steps // num_envs)
+    iters = max(1, steps // env.batch_size.numel())
     for _ in range(min(20, iters)):  # warm-up
         td.set(("agents", "action"), action)
         _, td = env.step_and_maybe_reset(td)
@@ -32,9 +30,18 @@ def bench_torchrl(scenario: str, agent_conf: str | None, num_envs: int, steps: i
     for _ in range(iters):
         td.set(("agents", "action"), action)
         _, td = env.step_and_maybe_reset(td)
-    elapsed = time.perf_counter() - start
-    env.close()
-    return iters * num_envs / elapsed
+    return iters * env.batch_size.numel() / (time.perf_counter() - start)
+
+
+def bench_torchrl(scenario: str, agent_conf: str | None, num_envs: int, steps: int, seed: int) -> float:
+    """Return frames/s of ``MaMuJoCoEnv`` stepped with random actions."""
+    from fp3o_lightning.envs import MaMuJoCoEnv
+
+    env = MaMuJoCoEnv(scenario, agent_conf, num_envs=num_envs, seed=seed)
+    try:
+        return env_frames_per_second(env, steps, seed)
+    finally:
+        env.close()
 
 
 def bench_plain(

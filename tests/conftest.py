@@ -24,11 +24,11 @@ def small_module(**overrides) -> FP3OModule:
     return FP3OModule(**kwargs)
 
 
-def fit_quietly(module: FP3OModule, **trainer_kwargs) -> L.Trainer:
+def fit_quietly(module: FP3OModule, logger=False, **trainer_kwargs) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

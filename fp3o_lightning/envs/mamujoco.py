@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,31 @@ def _check_scenario(scenario: str, agent_conf: str | None) -> None:
         )
 
 
+def _mujoco_warning(message: str) -> None:
+    """Route MuJoCo's C-level warnings through Python's ``warnings`` (no ``MUJOCO_LOG.TXT`` file).
+
+    The deprecation of ``settotalmass`` in gymnasium's own model files is dropped: it is printed once
+    per simulator built, says nothing about this package's use, and gymnasium must fix it.
+    """
+    if "settotalmass" not in message:
+        warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+
+def _import_mamujoco() -> Any:
+    """Import gymnasium-robotics' ``mamujoco_v1`` quietly.
+
+    Its import prints a notice about the Adroit hand environments' rewards, unrelated to MaMuJoCo.
+    """
+    import farama_notifications
+    import mujoco
+
+    farama_notifications.notifications.pop("gymnasium_robotics", None)
+    mujoco.set_mju_user_warning(_mujoco_warning)
+    from gymnasium_robotics import mamujoco_v1
+
+    return mamujoco_v1
+
+
 def _make_parallel_envs(scenario: str, agent_conf: str | None, agent_obsk: int, count: int) -> list[Any]:
     """Build ``count`` gymnasium-robotics ``parallel_env`` instances.
 
@@ -92,7 +118,7 @@ def _make_parallel_envs(scenario: str, agent_conf: str | None, agent_obsk: int, 
     (gymnasium-robotics writes it into its own package directory and deletes it afterwards, which races
     between processes building the same scenario and fails on read-only installs).
     """
-    from gymnasium_robotics import mamujoco_v1
+    mamujoco_v1 = _import_mamujoco()
 
     if scenario not in MANY_SEGMENT_SCENARIOS:
         return [mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk) for _ in range(count)]
