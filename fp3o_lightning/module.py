@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import Tensor
@@ -18,26 +19,23 @@ from torchrl.envs import EnvBase, RewardSum, TransformedEnv
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
-from fp3o_lightning.envs import make_env
-from fp3o_lightning.nets import (
-    SHARING,
-    CentralCritic,
-    GaussianPolicy,
-    ValueNormalizer,
-    clip_grad_norm_per_agent,
-)
+from fp3o_lightning import diagnostics
+from fp3o_lightning.envs import make_env, task_name
+from fp3o_lightning.nets import SHARING, CentralCritic, GaussianPolicy, LocalCritic, ValueNormalizer
 from fp3o_lightning.objectives import (
     clipped_surrogate,
     explained_variance,
     huber_value_loss,
     normalize_advantage,
 )
+from fp3o_lightning.optim import AgentFreezer, clip_grad_norm_per_agent
 from fp3o_lightning.schemes import SCHEMES, make_scheme
 
 OBSERVATION = ("agents", "observation")
 ACTION = ("agents", "action")
 LOG_PROB = ("agents", "action_log_prob")
 LOC, SCALE = ("agents", "loc"), ("agents", "scale")
+AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
 DEFAULT_ENV: dict[str, Any] = {
     "name": "mamujoco",
     "scenario": "HalfCheetah",
@@ -85,6 +83,8 @@ class FP3OModule(L.LightningModule):
         gain: orthogonal-init gain of the policy's output layer.
         std_x_coef, std_y_coef: the policy std is ``sigmoid(log_std / x) * y``.
         seed: seeds parameters, environments (offset by process rank) and the scheme's generator.
+        diagnostics_interval: every this many iterations, log the per-agent ratio/KL distributions
+            (the paper's Figures 1, 2 and 4) as an MLflow figure; 0 never.
     """
 
     def __init__(
@@ -112,6 +112,7 @@ class FP3OModule(L.LightningModule):
         std_x_coef: float = 1.0,
         std_y_coef: float = 0.5,
         seed: int = 0,
+        diagnostics_interval: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -138,9 +139,14 @@ class FP3OModule(L.LightningModule):
             std_y_coef=std_y_coef,
             action_sizes=action_sizes,
         )
-        self.critic = CentralCritic(state_size, hidden_size=hidden_size, depth=depth)
-        self.value_normalizer = ValueNormalizer()
         self.scheme = make_scheme(algorithm)
+        if self.scheme.local_critic:
+            self.critic = LocalCritic(self.n_agents, observation_size, sharing, hidden_size, depth)
+            self.critic_key: Any = OBSERVATION
+        else:
+            self.critic = CentralCritic(state_size, hidden_size=hidden_size, depth=depth)
+            self.critic_key = "state"
+        self.value_normalizer = ValueNormalizer()
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.frames = 0
@@ -154,6 +160,9 @@ class FP3OModule(L.LightningModule):
         for name in positive:
             if not hp[name] > 0:
                 raise ValueError(f"model.{name}={hp[name]!r} must be > 0")
+        for name in ("entropy_coef", "depth", "diagnostics_interval"):
+            if hp[name] < 0:
+                raise ValueError(f"model.{name}={hp[name]!r} must be >= 0")
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= hp[name] <= 1.0:
                 raise ValueError(f"model.{name}={hp[name]!r} must lie in [0, 1]")
@@ -214,6 +223,17 @@ class FP3OModule(L.LightningModule):
             auto_register_policy_transforms=False,
         )
         self._rollouts = iter(self._collector)
+        self.tag_runs()
+
+    def tag_runs(self) -> None:
+        """Tag MLflow runs with what reports group by: task, env, algorithm, sharing and seed."""
+        hp = self.hparams
+        tags = {"task": task_name(hp.env), "env": hp.env["name"], "algorithm": hp.algorithm}
+        tags |= {"sharing": hp.sharing, "seed": str(hp.seed)}
+        for logger in self.loggers:
+            if isinstance(logger, MLFlowLogger) and self.global_rank == 0:
+                for key, value in tags.items():
+                    logger.experiment.set_tag(logger.run_id, key, value)
 
     def on_fit_end(self) -> None:
         if self._collector is not None:
@@ -236,13 +256,21 @@ class FP3OModule(L.LightningModule):
         rollout = next(self._rollouts)
         batch, value_explained = self.compute_advantages(rollout)
         stats = self.scheme.update(self, batch)
-        stats["explained_variance"] = value_explained
         self._collector.update_policy_weights_()
         self.iteration += 1
         self.frames += rollout.numel() * self.trainer.world_size
-        stats["kl_old_new"] = self.kl_from_rollout(batch, self.policy.distribution(batch[OBSERVATION]))
+        start_ratio, end_kl = stats.pop("start_ratio"), stats.pop("end_kl")
+        stats.update(diagnostics.summaries(start_ratio, end_kl, self.hparams.clip_epsilon))
+        stats["explained_variance"] = value_explained
         stats["fps"] = torch.tensor(rollout.numel() / (time.perf_counter() - start))
         self.log_iteration(rollout, stats)
+        interval = self.hparams.diagnostics_interval
+        if interval and (self.iteration % interval == 0 or self.iteration == 1):
+            self.log_diagnostics_figure(start_ratio, end_kl)
+
+    def values(self, tensordict: TensorDictBase) -> Tensor:
+        """Critic values in normalised units, ``[..., 1]`` (central) or ``[..., n_agents]`` (local)."""
+        return self.critic(tensordict[self.critic_key])
 
     @torch.no_grad()
     def compute_advantages(self, rollout: TensorDictBase) -> tuple[TensorDictBase, Tensor]:
@@ -251,22 +279,21 @@ class FP3OModule(L.LightningModule):
         Returns the flat batch the update schemes consume (see ``UpdateScheme``) and the
         explained variance of the critic's values before the update.
         """
-        value = self.critic(rollout["state"])
+        value = self.values(rollout)
         denormalized_value = self.value_normalizer.denormalize(value)
-        next_value = self.value_normalizer.denormalize(self.critic(rollout["next", "state"]))
+        next_value = self.value_normalizer.denormalize(self.values(rollout["next"]))
+        width = value.shape[-1]  # one team value, or one value per agent (IPPO)
         advantage, target = vec_generalized_advantage_estimate(
             self.hparams.gamma,
             self.hparams.gae_lambda,
             denormalized_value,
             next_value,
-            rollout["next", "reward"],
-            done=rollout["next", "done"],
-            terminated=rollout["next", "terminated"],
+            rollout["next", "reward"].expand_as(value),
+            done=rollout["next", "done"].expand(*value.shape[:-1], width),
+            terminated=rollout["next", "terminated"].expand(*value.shape[:-1], width),
         )
-        moments = (
-            self.all_reduce_sum(torch.stack([target.mean(), target.pow(2).mean()])) / self.trainer.world_size
-        )
-        self.value_normalizer.update(*moments)
+        moments = torch.stack([target.mean(), target.pow(2).mean()])
+        self.value_normalizer.update(*(self.all_reduce_sum(moments) / self.trainer.world_size))
         batch = TensorDict(
             {
                 OBSERVATION: rollout[OBSERVATION],
@@ -283,77 +310,101 @@ class FP3OModule(L.LightningModule):
         )
         return batch.reshape(-1), explained_variance(denormalized_value, target)
 
-    def ppo_phase(self, batch: TensorDictBase, factor: Tensor | None = None) -> dict[str, Tensor]:
-        """``ppo_epochs x num_minibatches`` steps of PPO-clip on every agent, and of the critic.
+    @torch.no_grad()
+    def measure(self, batch: TensorDictBase) -> tuple[Tensor, Tensor]:
+        """The current policy's log-probs of the batch's actions and KL(rollout policy || current).
 
-        ``factor`` (``[B, n_agents]``, detached) weights each agent's clipped surrogate; ``None``
-        is factor 1. Returns, without host syncs: per agent, the mean ``|r - 1|`` over the batch when
-        the phase starts (``ratio_deviation_start``; 0 means the phase starts at the rollout policy)
-        and the clip fraction; and the mean losses and entropy.
+        Both ``[B, n_agents]``, on the whole batch, without gradients (KL exact for Gaussians).
+        """
+        distribution = self.policy.distribution(batch[OBSERVATION])
+        old = IndependentNormal(batch[LOC], batch[SCALE])
+        return distribution.log_prob(batch[ACTION]), kl_divergence(old, distribution)
+
+    def ppo_phase(
+        self,
+        batch: TensorDictBase,
+        factor: Tensor | None = None,
+        agents: Tensor | None = None,
+        train_actor: bool = True,
+        train_critic: bool = True,
+    ) -> dict[str, Tensor]:
+        """``ppo_epochs x num_minibatches`` steps of PPO-clip on the agents, and of the critic.
+
+        Args:
+            batch: the flat update batch (see ``UpdateScheme``).
+            factor: ``[B, n_agents]``, detached, weights each agent's clipped surrogate; ``None`` is 1.
+            agents: bool ``[n_agents]``, the agents whose surrogate is optimised (``None``: all).
+                With stacked per-agent parameters the others do not move, Adam moments included.
+            train_actor, train_critic: which networks this phase trains.
+
+        Returns the per-agent clip fractions, mean policy loss and entropy (when training the
+        actors) and the mean value loss (when training the critic), without host syncs.
         """
         hp = self.hparams
-        with torch.no_grad():
-            start_log_prob = self.policy.distribution(batch[OBSERVATION]).log_prob(batch[ACTION])
-            ratio_deviation_start = (torch.exp(start_log_prob - batch[LOG_PROB]) - 1.0).abs().mean(0)
         actor_optimizer, critic_optimizer = self.optimizers()
         size = batch.numel() // hp.num_minibatches
         # Mean over agents for shared networks (as the paper's code concatenates agents), sum of
         # per-agent means for NoPS (each agent's gradient equals that of its own PPO loss).
-        agent_weight = 1.0 if self.policy.per_agent_parameters else 1.0 / self.n_agents
+        mask = torch.ones(self.n_agents, device=self.device) if agents is None else agents.float()
+        agent_weight = mask if self.policy.per_agent_parameters else mask / mask.sum()
+        freezer = None
+        if train_actor and agents is not None and not bool(agents.all()):
+            freezer = AgentFreezer(self.policy.stacked_parameters(), actor_optimizer.optimizer, ~agents)
+        zero = torch.zeros((), device=self.device)
         totals = torch.zeros(3, device=self.device)
         clipped = torch.zeros(self.n_agents, device=self.device)
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(batch.numel(), generator=self.generator).to(self.device)
             for index in order.view(hp.num_minibatches, size):
                 minibatch = batch[index]
-                distribution = self.policy.distribution(minibatch[OBSERVATION])
-                log_prob = distribution.log_prob(minibatch[ACTION])
-                surrogate = clipped_surrogate(
-                    log_prob,
-                    minibatch[LOG_PROB],
-                    minibatch["advantage"],
-                    hp.clip_epsilon,
-                    None if factor is None else factor[index],
-                )
-                entropy = distribution.entropy().mean(0).sum() * agent_weight
-                policy_loss = -surrogate.mean(0).sum() * agent_weight
-                value_loss = huber_value_loss(
-                    self.critic(minibatch["state"]),
-                    minibatch["value"],
-                    minibatch["value_target"],
-                    hp.huber_delta,
-                    hp.clip_epsilon if hp.value_clip else None,
-                )
+                policy_loss = entropy = value_loss = zero
+                if train_actor:
+                    distribution = self.policy.distribution(minibatch[OBSERVATION])
+                    log_prob = distribution.log_prob(minibatch[ACTION])
+                    surrogate = clipped_surrogate(
+                        log_prob,
+                        minibatch[LOG_PROB],
+                        minibatch["advantage"],
+                        hp.clip_epsilon,
+                        None if factor is None else factor[index],
+                    )
+                    policy_loss = -(surrogate.mean(0) * agent_weight).sum()
+                    entropy = (distribution.entropy().mean(0) * agent_weight).sum()
+                if train_critic:
+                    value_loss = huber_value_loss(
+                        self.values(minibatch),
+                        minibatch["value"],
+                        minibatch["value_target"],
+                        hp.huber_delta,
+                        hp.clip_epsilon if hp.value_clip else None,
+                    )
                 actor_optimizer.zero_grad()
                 critic_optimizer.zero_grad()
                 # Actor and critic graphs are disjoint: one backward serves both optimisers.
                 self.manual_backward(policy_loss - hp.entropy_coef * entropy + value_loss)
-                if self.policy.per_agent_parameters:
-                    clip_grad_norm_per_agent(self.policy.parameters(), hp.max_grad_norm)
-                else:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), hp.max_grad_norm)
-                actor_optimizer.step()
-                critic_optimizer.step()
-                with torch.no_grad():
-                    ratio = torch.exp(log_prob - minibatch[LOG_PROB])
-                    clipped += ((ratio - 1.0).abs() > hp.clip_epsilon).float().mean(0)
-                    totals += torch.stack([policy_loss, value_loss, entropy]).detach()
-        steps = hp.ppo_epochs * hp.num_minibatches
-        policy_loss, value_loss, entropy = totals / steps
-        return {
-            "ratio_deviation_start": ratio_deviation_start,
-            "clip_fraction": clipped / steps,
-            "policy_loss": policy_loss,
-            "value_loss": value_loss,
-            "entropy": entropy,
-        }
-
-    @torch.no_grad()
-    def kl_from_rollout(self, batch: TensorDictBase, distribution: IndependentNormal) -> Tensor:
-        """Per-agent mean KL(rollout policy || ``distribution``) over the batch, exact for Gaussians."""
-        old = IndependentNormal(batch[LOC], batch[SCALE])
-        return kl_divergence(old, distribution).mean(0)
+                if train_actor:
+                    if self.policy.per_agent_parameters:
+                        clip_grad_norm_per_agent(self.policy.parameters(), hp.max_grad_norm)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
+                    actor_optimizer.step()
+                    if freezer is not None:
+                        freezer.restore()
+                    with torch.no_grad():
+                        ratio = torch.exp(log_prob - minibatch[LOG_PROB])
+                        clipped += ((ratio - 1.0).abs() > hp.clip_epsilon).float().mean(0)
+                if train_critic:
+                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), hp.max_grad_norm)
+                    critic_optimizer.step()
+                totals += torch.stack([policy_loss, value_loss, entropy]).detach()
+        policy_loss, value_loss, entropy = totals / (hp.ppo_epochs * hp.num_minibatches)
+        stats: dict[str, Tensor] = {}
+        if train_actor:
+            stats |= {"clip_fraction": clipped / (hp.ppo_epochs * hp.num_minibatches)}
+            stats |= {"policy_loss": policy_loss, "entropy": entropy}
+        if train_critic:
+            stats["value_loss"] = value_loss
+        return stats
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum across DDP processes (identity on one device)."""
@@ -366,32 +417,41 @@ class FP3OModule(L.LightningModule):
     def log_iteration(self, rollout: TensorDictBase, stats: dict[str, Tensor]) -> None:
         """Log one iteration to every logger, with the environment frame count as the step.
 
-        Scalars go under ``train/``; per-agent vectors under ``agent_<i>/``; the non-overlapping
-        selection under ``selection/``. One host sync for everything.
+        Scalars go under ``train/``; per-agent vectors under ``agent_<i>/`` (and their mean under
+        ``train/``); agent orders (FP3O's selection, HAPPO's update order) under ``selection/``.
+        Everything reaches the host in one transfer.
         """
-        done = rollout["next", "done"]
-        returns = rollout["next", "episode_reward"][done]
-        metrics: dict[str, float] = {
-            "train/frames": float(self.frames),
-            "train/iteration": float(self.iteration),
-        }
-        if returns.numel():
-            metrics["train/episode_return"] = returns.mean().item()
-            metrics["train/episodes"] = float(returns.numel())
-        for key, value in stats.items():
-            value = value.detach().float().cpu()
-            if key in ("separated_agent", "selected_agent"):
-                metrics.update({f"selection/{key}_{p}": float(v) for p, v in enumerate(value)})
-            elif value.dim() == 0:
-                metrics[f"train/{key}"] = float(value)
+        returns = rollout["next", "episode_reward"][rollout["next", "done"]]
+        stats = {**stats, "episode_return": returns.mean(), "episodes": torch.tensor(returns.numel())}
+        names, values = zip(*stats.items(), strict=True)
+        flat = torch.cat([v.detach().float().reshape(-1).to(self.device) for v in values]).cpu()
+        metrics = {"train/frames": float(self.frames), "train/iteration": float(self.iteration)}
+        for name, value in zip(names, flat.split([v.numel() for v in values]), strict=True):
+            if name in AGENT_ORDERS:
+                metrics |= {f"selection/{name}_{p}": float(v) for p, v in enumerate(value)}
+            elif stats[name].dim() == 0:
+                metrics[f"train/{name}"] = float(value)
             else:
-                metrics.update({f"agent_{i}/{key}": float(v) for i, v in enumerate(value)})
-                metrics[f"train/{key}"] = float(value.mean())
+                metrics |= {f"agent_{i}/{name}": float(v) for i, v in enumerate(value)}
+                metrics[f"train/{name}"] = float(value.mean())
+        if not returns.numel():  # no episode ended in this rollout
+            del metrics["train/episode_return"]
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.frames)
         if "train/episode_return" in metrics:
             self.log("return", metrics["train/episode_return"], prog_bar=True, logger=False)
         self.log("frames", float(self.frames), prog_bar=True, logger=False)
+
+    def log_diagnostics_figure(self, start_ratio: Tensor, end_kl: Tensor) -> None:
+        """Log the per-agent ratio/KL distributions of this iteration as an MLflow figure."""
+        hp = self.hparams
+        for logger in self.loggers:
+            if isinstance(logger, MLFlowLogger) and self.global_rank == 0:
+                title = f"{hp.algorithm} {hp.sharing} {task_name(hp.env)}, iteration {self.iteration}"
+                figure = diagnostics.ratio_kl_figure(start_ratio, end_kl, hp.clip_epsilon, title)
+                path = f"diagnostics/ratio_kl_iteration_{self.iteration:06d}.png"
+                logger.experiment.log_figure(logger.run_id, figure, path)
+                diagnostics.close(figure)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -401,6 +461,12 @@ class FP3OModule(L.LightningModule):
             "frames": self.frames,
             "generator": self.generator.get_state(),
         }
+        for logger in self.loggers:
+            if isinstance(logger, MLFlowLogger):  # where `fp3o render` and resumed runs log to
+                checkpoint["fp3o"]["mlflow"] = {
+                    "run_id": logger.run_id,
+                    "tracking_uri": logger.experiment.tracking_uri,
+                }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("fp3o", {})

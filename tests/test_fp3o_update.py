@@ -36,10 +36,9 @@ class PhaseRecorder:
 
 def test_independence_phase_starts_at_ratio_one(fitted_module):
     batch = rollout_batch(fitted_module)
-    stats = fitted_module.ppo_phase(batch)
-    deviation = stats["ratio_deviation_start"]
-    assert deviation.shape == (fitted_module.n_agents,)
-    assert deviation.max().item() < 1e-5, deviation
+    stats = fitted_module.scheme.update(fitted_module, batch)
+    assert stats["start_ratio"].shape == (batch.numel(), fitted_module.n_agents)
+    assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
 
 
 @pytest.mark.parametrize("gate", [True, False])
@@ -64,7 +63,7 @@ def test_dependence_phase_runs_only_where_the_gate_allows(fitted_module, monkeyp
     assert torch.equal(dependence["before"][0], independence["after"][0])  # starts from theta_mid
     assert not torch.equal(dependence["before"][0], dependence["after"][0])
     assert not torch.equal(dependence["before"][1], dependence["after"][1])
-    assert stats["ratio_deviation_start_dependence"].max() > 0  # starts at the middle ratios
+    assert stats["kl_old_middle"].max() > 0  # the dependence phase starts away from the rollout policy
 
 
 def test_dependence_factor_is_product_of_the_other_middle_ratios(fitted_module):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fp3o_lightning.nets import CentralCritic, GaussianPolicy, ValueNormalizer, clip_grad_norm_per_agent
+from fp3o_lightning.nets import CentralCritic, GaussianPolicy, ValueNormalizer
+from fp3o_lightning.optim import clip_grad_norm_per_agent
 
 N_AGENTS, OBS, ACT = 3, 7, 2
 

@@ -8,7 +8,7 @@ from torchrl.envs import EnvBase
 
 from fp3o_lightning.envs.mamujoco import MaMuJoCoEnv
 
-__all__ = ["ENV_REGISTRY", "MaMuJoCoEnv", "make_env"]
+__all__ = ["ENV_REGISTRY", "MaMuJoCoEnv", "make_env", "task_name"]
 
 #: Environment classes by name (smacv2, smax and vmas will be added here).
 ENV_REGISTRY: dict[str, type[EnvBase]] = {"mamujoco": MaMuJoCoEnv}
@@ -27,3 +27,10 @@ def make_env(name: str, **kwargs: Any) -> EnvBase:
             f"Unknown env name {name!r}; valid names: {', '.join(sorted(ENV_REGISTRY))}."
         ) from None
     return env_cls(**kwargs)
+
+
+def task_name(env: dict[str, Any]) -> str:
+    """A short task label for tables and run tags, e.g. ``HalfCheetah 6x1`` or ``3s5z``."""
+    if env.get("name") == "mamujoco":
+        return " ".join(str(env[k]) for k in ("scenario", "agent_conf") if env.get(k) is not None)
+    return str(env.get("map_name") or env.get("scenario") or env.get("name"))

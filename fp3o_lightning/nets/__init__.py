@@ -1,15 +1,15 @@
 """Policy and critic networks."""
 
-from fp3o_lightning.nets.critic import CentralCritic, ValueNormalizer
+from fp3o_lightning.nets.critic import CentralCritic, LocalCritic, ValueNormalizer
 from fp3o_lightning.nets.mlp import AgentMLP, paper_mlp
-from fp3o_lightning.nets.policy import SHARING, GaussianPolicy, clip_grad_norm_per_agent
+from fp3o_lightning.nets.policy import SHARING, GaussianPolicy
 
 __all__ = [
     "SHARING",
     "AgentMLP",
     "CentralCritic",
     "GaussianPolicy",
+    "LocalCritic",
     "ValueNormalizer",
-    "clip_grad_norm_per_agent",
     "paper_mlp",
 ]

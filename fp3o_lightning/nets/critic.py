@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fp3o_lightning.nets.mlp import paper_mlp
+from fp3o_lightning.nets.mlp import AgentMLP, paper_mlp
 
 
 class CentralCritic(nn.Module):
@@ -17,6 +17,27 @@ class CentralCritic(nn.Module):
 
     def forward(self, state: Tensor) -> Tensor:
         return self.net(state)
+
+
+class LocalCritic(nn.Module):
+    """IPPO's decentralised critic ``V^i(o^i)``: observations ``[..., n_agents, obs]`` to ``[..., n_agents]``.
+
+    One network per agent with ``nops``; otherwise one shared network with the agent id as input.
+    """
+
+    def __init__(
+        self, n_agents: int, observation_size: int, sharing: str, hidden_size: int = 64, depth: int = 2
+    ) -> None:
+        super().__init__()
+        self.shared = sharing != "nops"
+        in_features = observation_size + (n_agents if self.shared else 0)
+        self.net = AgentMLP(in_features, 1, n_agents, self.shared, depth, hidden_size, out_gain=1.0)
+        self.register_buffer("agent_id", torch.eye(n_agents))
+
+    def forward(self, observation: Tensor) -> Tensor:
+        if self.shared:
+            observation = torch.cat([observation, self.agent_id.expand(*observation.shape[:-1], -1)], -1)
+        return self.net(observation).squeeze(-1)
 
 
 class ValueNormalizer(nn.Module):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -88,15 +88,9 @@ class GaussianPolicy(nn.Module):
         """True when every parameter is stacked per agent (NoPS), so gradients are clipped per agent."""
         return self.sharing == "nops"
 
-
-def clip_grad_norm_per_agent(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
-    """Clip the gradient of each agent's network (dim 0 of stacked parameters) to ``max_norm``.
-
-    Vectorised over agents; returns the per-agent norms before clipping, shape ``[n_agents]``.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
-    return norms
+    def stacked_parameters(self) -> list[nn.Parameter]:
+        """The parameters with a leading agent dimension: all of NoPS, PaPS's heads and std, none of FuPS."""
+        if self.sharing == "fups":
+            return []
+        head = self.net if self.sharing == "nops" else self.net[1]
+        return [self.log_std, *head.parameters()]

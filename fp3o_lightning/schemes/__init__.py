@@ -1,11 +1,13 @@
-"""Update schemes: how one rollout batch updates the agents' policies."""
+"""Update schemes: how one rollout batch updates the agents' policies (``--model.algorithm``)."""
 
 from __future__ import annotations
 
 from fp3o_lightning.schemes.base import UpdateScheme
 from fp3o_lightning.schemes.fp3o import FP3O
+from fp3o_lightning.schemes.happo import HAPPO
+from fp3o_lightning.schemes.mappo import IPPO, MAPPO
 
-SCHEMES: dict[str, type[UpdateScheme]] = {"fp3o": FP3O}
+SCHEMES: dict[str, type[UpdateScheme]] = {scheme.name: scheme for scheme in (FP3O, HAPPO, MAPPO, IPPO)}
 
 
 def make_scheme(algorithm: str) -> UpdateScheme:
@@ -15,4 +17,4 @@ def make_scheme(algorithm: str) -> UpdateScheme:
     return SCHEMES[algorithm]()
 
 
-__all__ = ["FP3O", "SCHEMES", "UpdateScheme", "make_scheme"]
+__all__ = ["FP3O", "HAPPO", "IPPO", "MAPPO", "SCHEMES", "UpdateScheme", "make_scheme"]

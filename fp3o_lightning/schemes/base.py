@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from tensordict import TensorDictBase
 from torch import Tensor
@@ -16,12 +16,18 @@ class UpdateScheme(ABC):
     """One policy iteration's update of the actors (and critic) on a rollout batch.
 
     ``batch`` is flat (``[B]``) with ``("agents", "observation")``, ``("agents", "action")``,
-    ``("agents", "action_log_prob")`` (the rollout's), ``"state"``, ``"advantage"`` (normalised,
-    ``[B, 1]``), ``"value_target"`` and ``"value"`` (normalised units). Schemes drive the module's
-    ``ppo_phase`` and return scalar/vector tensors to log, keyed by metric name.
+    ``("agents", "action_log_prob")`` (the rollout's), the rollout Gaussian's ``("agents", "loc")``
+    and ``("agents", "scale")``, ``"state"``, ``"advantage"`` (normalised, ``[B, 1]`` for a central
+    critic, ``[B, n_agents]`` for a local one), ``"value_target"`` and ``"value"`` (normalised units).
+
+    Schemes drive ``module.ppo_phase`` and ``module.measure`` and return tensors to log, keyed by
+    metric name, including the diagnostics ``start_ratio`` and ``end_kl`` (``[B, n_agents]``):
+    each agent's ratio to the rollout policy when its update starts, and KL(old || new) when it ends.
     """
 
-    name: str
+    name: ClassVar[str]
+    #: IPPO's decentralised critic ``V^i(o^i)`` instead of the centralised ``V(s)``.
+    local_critic: ClassVar[bool] = False
 
     @abstractmethod
     def update(self, module: FP3OModule, batch: TensorDictBase) -> dict[str, Tensor]: ...

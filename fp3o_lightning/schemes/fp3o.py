@@ -35,21 +35,23 @@ class FP3O(UpdateScheme):
 
     def update(self, module: FP3OModule, batch: TensorDictBase) -> dict[str, Tensor]:
         old_log_prob = batch["agents", "action_log_prob"]
+        start_log_prob, _ = module.measure(batch)
         independence = module.ppo_phase(batch)
-        with torch.no_grad():
-            middle = module.policy.distribution(batch["agents", "observation"])
-            middle_log_prob = middle.log_prob(batch["agents", "action"])
+        middle_log_prob, kl_old_middle = module.measure(batch)
         separated_agent, selected_agent = non_overlapping_selection(module.n_agents, module.generator)
-        # Agent j = j_p is optimised in pipeline p; its factor multiplies the middle ratios of -j_p.
         factor = dependence_factor(middle_log_prob, old_log_prob)
         gate = dependence_gate(middle_log_prob, old_log_prob, batch["advantage"], module.all_reduce_sum)
         stats = {f"{key}_independence": value for key, value in independence.items()}
-        stats["kl_old_middle"] = module.kl_from_rollout(batch, middle)
-        stats["gate"] = torch.tensor(float(gate))
-        stats["factor_mean"] = factor.mean(0)
-        stats["separated_agent"] = separated_agent.float()
-        stats["selected_agent"] = selected_agent.float()
         if gate:
             dependence = module.ppo_phase(batch, factor=factor)
             stats.update({f"{key}_dependence": value for key, value in dependence.items()})
+        stats.update(
+            start_ratio=torch.exp(start_log_prob - old_log_prob),
+            end_kl=module.measure(batch)[1],
+            kl_old_middle=kl_old_middle.mean(0),
+            gate=torch.tensor(float(gate)),
+            factor_mean=factor.mean(0),
+            separated_agent=separated_agent.float(),
+            selected_agent=selected_agent.float(),
+        )
         return stats
