@@ -144,6 +144,28 @@ def _make_parallel_envs(scenario: str, agent_conf: str | None, agent_obsk: int, 
         ]
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numpy arrays as tensors and numpy scalars as Python numbers (``weights_only``-safe)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _numpy_state(value: Any) -> Any:
+    """Invert :func:`_plain` for a numpy bit-generator state (tensors back to numpy arrays)."""
+    if isinstance(value, dict):
+        return {key: _numpy_state(item) for key, item in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.numpy().copy()
+    return value
+
+
 class MaMuJoCoEnv(EnvBase):
     """``num_envs`` gymnasium-robotics MaMuJoCo tasks as one batched TorchRL environment.
 
@@ -347,6 +369,172 @@ class MaMuJoCoEnv(EnvBase):
     def _set_seed(self, seed: int | None) -> None:
         """Seed sub-env ``i`` with ``seed + i`` at its next reset (``None`` clears pending seeds)."""
         self._pending_seeds = [None if seed is None else int(seed) + i for i in range(self.num_envs)]
+
+    # ------------------------------------------------------------------ checkpointing
+    #: Version of the :meth:`get_extra_state` layout.
+    _STATE_FORMAT = 1
+    #: ``mjData`` fields derived from the state, kept in the extra state beside MuJoCo's integration state.
+    #: ``mj_setState`` leaves them as they were, and they are not recomputed before the next step's physics,
+    #: but Gymnasium reads some before simulating (Ant's ``xpos``, Humanoid's ``xipos`` for the forward
+    #: velocity) and the observations (``cfrc_ext``, ``cinert``, ``cvel``, ``qfrc_actuator``) and renders
+    #: read others. Recomputing them with ``mj_forward`` would not do: after ``mj_step`` they describe the
+    #: state at the start of the last substep, and ``mj_forward`` overwrites the solver warm start.
+    _DERIVED_FIELDS = (
+        "xpos",
+        "xquat",
+        "xmat",
+        "xipos",
+        "ximat",
+        "xanchor",
+        "xaxis",
+        "geom_xpos",
+        "geom_xmat",
+        "site_xpos",
+        "site_xmat",
+        "subtree_com",
+        "cdof",
+        "cinert",
+        "cvel",
+        "cacc",
+        "cfrc_int",
+        "cfrc_ext",
+        "qfrc_actuator",
+        "actuator_force",
+        "actuator_length",
+        "actuator_velocity",
+        "sensordata",
+        "qacc",
+    )
+
+    def _state_config(self) -> dict[str, Any]:
+        """The constructor arguments a saved env state must match to be loaded."""
+        return {
+            "scenario": self.scenario,
+            "agent_conf": self.agent_conf,
+            "agent_obsk": self.agent_obsk,
+            "num_envs": self.num_envs,
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The full simulation state, stored by :meth:`state_dict` under the ``"_extra_state"`` key.
+
+        With it, ``env_b.load_state_dict(env_a.state_dict())`` on an env built with the same ``scenario``,
+        ``agent_conf``, ``agent_obsk`` and ``num_envs`` (any ``seed``) makes ``env_b`` continue bit for bit
+        like ``env_a``: the same steps, resets (initial-state noise included) and outputs. It holds only
+        tensors, strings, ints and ``None`` in dicts and lists, so ``torch.load(..., weights_only=True)``
+        reads it back. Per sub-env it has:
+
+        * ``"physics"``: MuJoCo's integration state (``mj_getState`` with ``mjSTATE_INTEGRATION``: time,
+          qpos, qvel, act, solver warm start, ctrl, applied forces, mocap, ...), float64
+          ``[num_envs, size]``;
+        * ``"derived"``: the derived ``mjData`` fields of :attr:`_DERIVED_FIELDS` (positions, contact forces,
+          ... left by the last step), float64;
+        * ``"elapsed"``: the steps since the last reset, for truncation;
+        * ``"buffers"``: the env's last observation, state, reward and done flags (a partial reset
+          returns the other sub-envs' entries from them);
+        * ``"np_random"`` / ``"np_random_seed"``: the Gymnasium env's generator state (it draws the initial
+          states of later resets) and seed;
+        * ``"pending_seeds"``: seeds given to :meth:`set_seed` and not yet used by a reset;
+
+        and ``"format"`` and ``"config"`` (the constructor arguments above and ``max_episode_steps``).
+
+        It does **not** include the current observation TensorDict (what the last ``reset`` or
+        ``step_and_maybe_reset`` returned): the caller (e.g. a collector) keeps it and passes it, with the
+        actions, to the next step after loading.
+        """
+        import mujoco
+
+        signature = mujoco.mjtState.mjSTATE_INTEGRATION
+        size = mujoco.mj_stateSize(self._sims[0].model, signature)
+        physics = np.empty((self.num_envs, size), dtype=np.float64)
+        derived: dict[str, list[np.ndarray]] = {name: [] for name in self._DERIVED_FIELDS}
+        for i, sim in enumerate(self._sims):
+            mujoco.mj_getState(sim.model, sim.data, physics[i], signature)
+            for name in self._DERIVED_FIELDS:
+                derived[name].append(np.array(getattr(sim.data, name), dtype=np.float64, copy=True))
+        return {
+            "format": self._STATE_FORMAT,
+            "config": {**self._state_config(), "max_episode_steps": self.max_episode_steps},
+            "signature": int(signature),
+            "physics": torch.from_numpy(physics),
+            "derived": {name: torch.from_numpy(np.stack(arrays)) for name, arrays in derived.items()},
+            "elapsed": torch.from_numpy(self._elapsed.copy()),
+            "buffers": {
+                "observation": torch.from_numpy(self._obs.copy()),
+                "state": torch.from_numpy(self._state.copy()),
+                "reward": torch.from_numpy(self._reward.copy()),
+                "terminated": torch.from_numpy(self._terminated.copy()),
+                "truncated": torch.from_numpy(self._truncated.copy()),
+            },
+            # ``np_random`` creates the generator if no reset made it yet, as the next reset would.
+            "np_random": [_plain(sim.np_random.bit_generator.state) for sim in self._sims],
+            "np_random_seed": [_plain(sim._np_random_seed) for sim in self._sims],
+            "pending_seeds": [None if s is None else int(s) for s in self._pending_seeds],
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore a state made by :meth:`get_extra_state` (called by :meth:`load_state_dict`).
+
+        The whole state is checked before anything is changed.
+
+        Raises:
+            ValueError: if ``state`` is not such a state, or comes from an env with a different
+                ``scenario``, ``agent_conf``, ``agent_obsk`` or ``num_envs`` (``max_episode_steps`` may
+                differ: the restored step counters then count towards the new limit).
+        """
+        import mujoco
+
+        name = type(self).__name__
+        if not isinstance(state, dict) or state.get("format") != self._STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"Not a {name} state of format {self._STATE_FORMAT} (got {found!r}); it must come from "
+                f"{name}.state_dict()."
+            )
+        ours, theirs = self._state_config(), state["config"]
+        diffs = [f"{k}={theirs.get(k)!r} (this env: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
+        if diffs:
+            raise ValueError(
+                f"Cannot load the {name} state: it was saved from an env with {', '.join(diffs)}. Build the "
+                "env with the same scenario, agent_conf, agent_obsk and num_envs as the saved one."
+            )
+        signature = mujoco.mjtState.mjSTATE_INTEGRATION
+        size = mujoco.mj_stateSize(self._sims[0].model, signature)
+        physics = state["physics"]
+        if state["signature"] != int(signature) or tuple(physics.shape) != (self.num_envs, size):
+            raise ValueError(
+                f"Cannot load the {name} state: its MuJoCo state has shape {tuple(physics.shape)} and "
+                f"signature {state['signature']}, this env's has {(self.num_envs, size)} and "
+                f"{int(signature)} (a different MuJoCo or model version?)."
+            )
+        derived = {key: state["derived"][key].numpy() for key in self._DERIVED_FIELDS}
+        for key, value in derived.items():
+            expected = (self.num_envs, *np.shape(getattr(self._sims[0].data, key)))
+            if value.shape != expected:
+                raise ValueError(
+                    f"Cannot load the {name} state: {key!r} has shape {value.shape}, not {expected}."
+                )
+        generators = []
+        for rng_state in state["np_random"]:
+            generator = np.random.Generator(getattr(np.random, rng_state["bit_generator"])())
+            generator.bit_generator.state = _numpy_state(rng_state)
+            generators.append(generator)
+
+        physics = physics.numpy()
+        for i, sim in enumerate(self._sims):
+            mujoco.mj_setState(sim.model, sim.data, np.ascontiguousarray(physics[i]), signature)
+            for key, value in derived.items():
+                getattr(sim.data, key)[...] = value[i]
+            sim.np_random = generators[i]
+            sim._np_random_seed = state["np_random_seed"][i]
+        buffers = state["buffers"]
+        self._elapsed[:] = state["elapsed"].numpy()
+        self._obs[:] = buffers["observation"].numpy()
+        self._state[:] = buffers["state"].numpy()
+        self._reward[:] = buffers["reward"].numpy()
+        self._terminated[:] = buffers["terminated"].numpy()
+        self._truncated[:] = buffers["truncated"].numpy()
+        self._pending_seeds = list(state["pending_seeds"])
 
     def close(self, *, raise_if_closed: bool = True) -> None:
         """Close the underlying gymnasium-robotics environments."""
