@@ -18,11 +18,17 @@ length (1000 for most tasks, but 50 for Reacher and 100 for Pusher), which gymna
 env steps the *unwrapped* MuJoCo env instead and applies its own limit, so an episode is truncated exactly
 once, after ``max_episode_steps`` steps, for every scenario. Termination (the unhealthy condition of
 Hopper, Walker2d, Ant, ...) comes from the simulator and is reported separately.
+
+Rendering: built with ``render_mode="rgb_array"``, :meth:`MaMuJoCoEnv.render` returns an RGB frame of one
+sub-env, rendered off-screen. Unless ``MUJOCO_GL`` is already set, :func:`configure_headless_gl` picks EGL
+(Mesa's software renderer works without a GPU) or OSMesa, whichever library is installed.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import platform
 import re
 import tempfile
 import warnings
@@ -35,7 +41,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-__all__ = ["MaMuJoCoEnv", "VALID_AGENT_CONFS", "MANY_SEGMENT_SCENARIOS"]
+__all__ = ["MaMuJoCoEnv", "VALID_AGENT_CONFS", "MANY_SEGMENT_SCENARIOS", "configure_headless_gl"]
 
 #: Agent factorisations known to gymnasium-robotics 1.4 (``obsk.get_parts_and_edges``), per scenario.
 #: ``None`` is the single-agent, fully observable version. ``CoupledHalfCheetah`` is left out: its
@@ -86,6 +92,54 @@ def _check_scenario(scenario: str, agent_conf: str | None) -> None:
         )
 
 
+#: Debian/Ubuntu packages providing each headless OpenGL backend MuJoCo can use.
+GL_PACKAGES: dict[str, str] = {"egl": "libegl1 libegl-mesa0 libgl1-mesa-dri", "osmesa": "libosmesa6"}
+RENDER_MODES = ("rgb_array",)
+
+
+def _gl_install_hint() -> str:
+    return (
+        f"On Debian/Ubuntu install EGL (`apt-get install {GL_PACKAGES['egl']}`, Mesa's software renderer "
+        f"needs no GPU) or OSMesa (`apt-get install {GL_PACKAGES['osmesa']}`), or set MUJOCO_GL to a "
+        "backend that works on this machine."
+    )
+
+
+def configure_headless_gl() -> str:
+    """Choose MuJoCo's off-screen OpenGL backend and export it as ``MUJOCO_GL``; return the backend.
+
+    A ``MUJOCO_GL`` set by the user is kept as it is. Otherwise, on Linux, ``egl`` is chosen when libEGL
+    and a vendor implementation (Mesa or NVIDIA) are installed, else ``osmesa`` when libOSMesa is,
+    else ``egl`` when only libEGL is (a ``PYOPENGL_PLATFORM`` of ``egl``/``osmesa`` is followed). It must
+    run before the first frame is rendered, which is when MuJoCo creates its GL context.
+
+    Raises:
+        RuntimeError: if no OpenGL library for off-screen rendering is installed; the message names the
+            Debian packages to install.
+    """
+    backend = os.environ.get("MUJOCO_GL", "").strip()
+    if backend or platform.system() != "Linux":
+        return backend
+    found = {
+        "egl_vendor": any(ctypes.util.find_library(name) for name in ("EGL_mesa", "EGL_nvidia")),
+        "egl": ctypes.util.find_library("EGL") is not None,
+        "osmesa": ctypes.util.find_library("OSMesa") is not None,
+    }
+    candidates = [("egl", found["egl"] and found["egl_vendor"]), ("osmesa", found["osmesa"])]
+    candidates.append(("egl", found["egl"]))
+    requested = os.environ.get("PYOPENGL_PLATFORM", "").strip().lower()
+    if requested in GL_PACKAGES:  # PyOpenGL is pinned to this platform: MuJoCo must use the same
+        candidates = [(name, ok) for name, ok in candidates if name == requested]
+    for name, ok in candidates:
+        if ok:
+            os.environ["MUJOCO_GL"] = name
+            return name
+    raise RuntimeError(
+        "MuJoCo cannot render off-screen: no OpenGL library for headless rendering (libEGL or libOSMesa) "
+        f"was found. {_gl_install_hint()}"
+    )
+
+
 def _mujoco_warning(message: str) -> None:
     """Route MuJoCo's C-level warnings through Python's ``warnings`` (no ``MUJOCO_LOG.TXT`` file).
 
@@ -111,8 +165,12 @@ def _import_mamujoco() -> Any:
     return mamujoco_v1
 
 
-def _make_parallel_envs(scenario: str, agent_conf: str | None, agent_obsk: int, count: int) -> list[Any]:
+def _make_parallel_envs(
+    scenario: str, agent_conf: str | None, agent_obsk: int, count: int, **gym_kwargs: Any
+) -> list[Any]:
     """Build ``count`` gymnasium-robotics ``parallel_env`` instances.
+
+    ``gym_kwargs`` (e.g. ``render_mode``, ``width``, ``height``) go to the Gymnasium MuJoCo env.
 
     For the many-segment scenarios the MuJoCo XML is generated once into a private temporary directory
     (gymnasium-robotics writes it into its own package directory and deletes it afterwards, which races
@@ -121,7 +179,10 @@ def _make_parallel_envs(scenario: str, agent_conf: str | None, agent_obsk: int, 
     mamujoco_v1 = _import_mamujoco()
 
     if scenario not in MANY_SEGMENT_SCENARIOS:
-        return [mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk) for _ in range(count)]
+        return [
+            mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **gym_kwargs)
+            for _ in range(count)
+        ]
 
     import gymnasium
     from gymnasium_robotics.envs.multiagent_mujoco import many_segment_ant, many_segment_swimmer
@@ -138,7 +199,7 @@ def _make_parallel_envs(scenario: str, agent_conf: str | None, agent_obsk: int, 
                 scenario,
                 agent_conf,
                 agent_obsk=agent_obsk,
-                gym_env=gymnasium.make(MANY_SEGMENT_SCENARIOS[scenario], xml_file=asset_path),
+                gym_env=gymnasium.make(MANY_SEGMENT_SCENARIOS[scenario], xml_file=asset_path, **gym_kwargs),
             )
             for _ in range(count)
         ]
@@ -177,9 +238,14 @@ class MaMuJoCoEnv(EnvBase):
         max_episode_steps: episodes are truncated after this many steps.
         seed: if given, sub-env ``i`` is seeded with ``seed + i`` at its first reset.
         device: device of the produced tensors (simulation runs on CPU).
+        render_mode: ``"rgb_array"`` to enable :meth:`render`; ``None`` (default) builds no renderer.
+        width, height: size in pixels of the rendered frames.
+        camera_name: the model camera to render from; the default ``"track"`` follows the robot in the
+            scenarios whose model defines it (HalfCheetah, Ant, Hopper, Walker2d, Swimmer, Humanoid), the
+            others fall back to Gymnasium's free camera.
 
     Attributes:
-        scenario, agent_conf, agent_obsk, num_envs, max_episode_steps: the constructor arguments.
+        scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode: the constructor arguments.
         n_agents: number of agents; agent_names: gymnasium-robotics agent names (``"agent_0"``, ...).
         observation_sizes / action_sizes: per-agent unpadded observation / action sizes.
         max_obs_dim / max_action_dim: padded sizes; state_size: size of ``"state"``.
@@ -197,6 +263,10 @@ class MaMuJoCoEnv(EnvBase):
         max_episode_steps: int = 1000,
         seed: int | None = None,
         device: torch.device | str = "cpu",
+        render_mode: str | None = None,
+        width: int = 480,
+        height: int = 480,
+        camera_name: str | None = "track",
     ) -> None:
         if not isinstance(agent_obsk, int) or isinstance(agent_obsk, bool) or agent_obsk < 0:
             raise ValueError(f"agent_obsk must be an integer >= 0, got {agent_obsk!r}.")
@@ -204,6 +274,11 @@ class MaMuJoCoEnv(EnvBase):
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}.")
         if not isinstance(max_episode_steps, int) or max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}.")
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            raise ValueError(f"render_mode must be None or one of {RENDER_MODES}, got {render_mode!r}.")
+        for name, size in (("width", width), ("height", height)):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {size!r}.")
         _check_scenario(scenario, agent_conf)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
 
@@ -212,8 +287,15 @@ class MaMuJoCoEnv(EnvBase):
         self.agent_obsk = agent_obsk
         self.num_envs = num_envs
         self.max_episode_steps = max_episode_steps
+        self.render_mode = render_mode
 
-        self._penvs = _make_parallel_envs(scenario, agent_conf, agent_obsk, num_envs)
+        gym_kwargs: dict[str, Any] = {}
+        if render_mode is not None:
+            configure_headless_gl()
+            gym_kwargs = {"render_mode": render_mode, "width": width, "height": height}
+            gym_kwargs["camera_name"] = camera_name
+        self._rendered = False
+        self._penvs = _make_parallel_envs(scenario, agent_conf, agent_obsk, num_envs, **gym_kwargs)
         penv = self._penvs[0]
         # Stepping the unwrapped MuJoCo env skips Gymnasium's TimeLimit (we apply our own) and checkers.
         self._sims = [p.single_agent_env.unwrapped for p in self._penvs]
@@ -535,6 +617,36 @@ class MaMuJoCoEnv(EnvBase):
         self._terminated[:] = buffers["terminated"].numpy()
         self._truncated[:] = buffers["truncated"].numpy()
         self._pending_seeds = list(state["pending_seeds"])
+
+    def render(self, index: int = 0) -> np.ndarray:
+        """Render sub-env ``index`` as it is now: a ``[height, width, 3]`` uint8 RGB frame.
+
+        Raises:
+            RuntimeError: if the env was built without ``render_mode="rgb_array"``, or if MuJoCo cannot
+                create an off-screen OpenGL context (the message names the packages to install).
+        """
+        if self.render_mode is None:
+            raise RuntimeError(f"{type(self).__name__} was built without render_mode='rgb_array'.")
+        if not -self.num_envs <= index < self.num_envs:
+            raise IndexError(f"index {index} is out of range for {self.num_envs} sub-environments.")
+        try:
+            frame = self._sims[index].render()
+        except Exception as err:
+            if self._rendered:
+                raise
+            raise RuntimeError(
+                f"MuJoCo could not render off-screen with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} "
+                f"({type(err).__name__}: {err}). {_gl_install_hint()}"
+            ) from err
+        self._rendered = True
+        return np.ascontiguousarray(frame, dtype=np.uint8)
+
+    @property
+    def render_fps(self) -> float:
+        """Frames per second of real time: Gymnasium's ``metadata["render_fps"]``, else ``1 / dt``."""
+        sim = self._sims[0]
+        fps = sim.metadata.get("render_fps")
+        return float(fps) if fps else 1.0 / float(sim.dt)
 
     def close(self, *, raise_if_closed: bool = True) -> None:
         """Close the underlying gymnasium-robotics environments."""
