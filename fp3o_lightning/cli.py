@@ -3,19 +3,35 @@
 ``fp3o fit --config configs/mamujoco/halfcheetah_6x1.yaml`` trains; ``--print_config`` shows every
 option with its value; ``--help`` documents them. Runs go to an embedded MLflow store
 (``sqlite:///mlflow.db`` in the working directory, artifacts under ``./mlartifacts``) unless
-``--trainer.logger`` says otherwise.
+``--trainer.logger`` says otherwise; checkpoints go to ``checkpoints/<run id>/``.
+
+- ``fp3o fit … --ckpt_path last`` resumes the newest ``checkpoints/*/last.ckpt`` (or a given path)
+  and continues its MLflow run.
+- ``fp3o validate --ckpt_path PATH`` and ``fp3o test --ckpt_path PATH`` evaluate a saved policy; the
+  model is rebuilt from the checkpoint's own hyperparameters (``--model.eval_episodes`` and
+  ``--model.eval_num_envs`` still apply).
+- ``fp3o report …`` prints the paper's tables from MLflow runs (``fp3o_lightning.report``);
+  ``fp3o sweep …`` runs a grid of fits over seeds (``fp3o_lightning.sweep``).
 """
 
 from __future__ import annotations
 
+import glob
+import importlib
 import os
+import sys
 from typing import Any
 
+import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from fp3o_lightning.callbacks.checkpoints import CHECKPOINT_ROOT
 from fp3o_lightning.module import FP3OModule
+
+EVALUATION_OPTIONS = ("eval_episodes", "eval_num_envs")
 
 
 class LogConfigToMLflow(SaveConfigCallback):
@@ -33,24 +49,69 @@ class LogConfigToMLflow(SaveConfigCallback):
 
 
 def trainer_defaults() -> dict[str, Any]:
-    """One short progress-barred epoch of ``num_iterations`` steps, logged to a local MLflow store."""
+    """One progress-barred epoch of ``num_iterations`` steps, logged to a local MLflow store."""
     return {
         "max_epochs": 1,
         "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
+        "log_every_n_steps": 1,
         "logger": {
             "class_path": "lightning.pytorch.loggers.MLFlowLogger",
             "init_args": {
                 "experiment_name": "fp3o",
-                "tracking_uri": "sqlite:///mlflow.db",
+                # absolute: MLflow caches stores by URI, so a relative one would outlive a chdir
+                "tracking_uri": f"sqlite:///{os.path.abspath('mlflow.db')}",
                 "artifact_location": os.path.abspath("mlartifacts"),
             },
         },
     }
 
 
+def find_last_checkpoint(root: str = CHECKPOINT_ROOT) -> str:
+    """The most recently written ``<root>/*/last.ckpt``."""
+    candidates = glob.glob(os.path.join(root, "*", "last.ckpt"))
+    if not candidates:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no {root}/*/last.ckpt in {os.getcwd()}; pass --ckpt_path PATH to a checkpoint"
+        )
+    return max(candidates, key=os.path.getmtime)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class FP3OCLI(LightningCLI):
+    """LightningCLI that resolves ``--ckpt_path last`` and resumes or evaluates from checkpoints."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") is None:
+            return
+        if config.ckpt_path == "last":
+            config.ckpt_path = find_last_checkpoint()
+        checkpoint = load_checkpoint(config.ckpt_path)
+        if self.subcommand == "fit":
+            run = checkpoint.get("fp3o", {}).get("mlflow")
+            logger = config.trainer.get("logger")
+            if run and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
+                logger.init_args.run_id = run["run_id"]  # continue the same MLflow run
+        else:
+            saved = dict(checkpoint["hyper_parameters"])
+            for name in EVALUATION_OPTIONS:
+                saved[name] = config.model[name]
+            config.model = Namespace(**saved)
+
+
+COMMANDS = {"report": "fp3o_lightning.report", "sweep": "fp3o_lightning.sweep"}
+
+
 def main(args: list[str] | None = None) -> None:
-    LightningCLI(
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] and argv[0] in COMMANDS:  # commands of our own beside Lightning's fit/validate/test
+        sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]))
+    FP3OCLI(
         FP3OModule,
         save_config_callback=LogConfigToMLflow,
         save_config_kwargs={"save_to_log_dir": False},

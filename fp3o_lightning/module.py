@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from tensordict import TensorDict, TensorDictBase
@@ -16,10 +18,12 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 from torchrl.collectors import Collector
 from torchrl.envs import EnvBase, RewardSum, TransformedEnv
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import IndependentNormal, ProbabilisticActor
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
 from fp3o_lightning import diagnostics
+from fp3o_lightning.callbacks import BestEvalCheckpoint, IterationCheckpoint
 from fp3o_lightning.envs import make_env, task_name
 from fp3o_lightning.nets import SHARING, CentralCritic, GaussianPolicy, LocalCritic, ValueNormalizer
 from fp3o_lightning.objectives import (
@@ -35,6 +39,7 @@ OBSERVATION = ("agents", "observation")
 ACTION = ("agents", "action")
 LOG_PROB = ("agents", "action_log_prob")
 LOC, SCALE = ("agents", "loc"), ("agents", "scale")
+EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
 DEFAULT_ENV: dict[str, Any] = {
     "name": "mamujoco",
@@ -55,7 +60,8 @@ class _Iterations:
         self.module = module
 
     def __len__(self) -> int:
-        return max(self.module.num_iterations - self.module.iteration, 0)
+        # The total: on resume Lightning counts the iterations already done as consumed batches.
+        return self.module.num_iterations
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.module.iteration, self.module.num_iterations))
@@ -85,6 +91,13 @@ class FP3OModule(L.LightningModule):
         seed: seeds parameters, environments (offset by process rank) and the scheme's generator.
         diagnostics_interval: every this many iterations, log the per-agent ratio/KL distributions
             (the paper's Figures 1, 2 and 4) as an MLflow figure; 0 never.
+        eval_interval: evaluate every this many iterations (Lightning validation; the module sets the
+            Trainer's ``val_check_interval`` to it) and once more at the end of training; 0 never.
+        eval_episodes: deterministic episodes per evaluation (32 in the paper).
+        eval_num_envs: environments stepped in parallel during evaluation.
+        checkpoint_interval: save ``checkpoints/<run>/iteration=<k>.ckpt`` (and ``last.ckpt``) every
+            this many iterations, and keep the best evaluation in ``best-iteration=<k>.ckpt``; 0
+            never. Only when the Trainer's checkpointing is enabled.
     """
 
     def __init__(
@@ -113,6 +126,10 @@ class FP3OModule(L.LightningModule):
         std_y_coef: float = 0.5,
         seed: int = 0,
         diagnostics_interval: int = 10,
+        eval_interval: int = 25,
+        eval_episodes: int = 32,
+        eval_num_envs: int = 8,
+        checkpoint_interval: int = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -151,16 +168,19 @@ class FP3OModule(L.LightningModule):
         self.iteration = 0
         self.frames = 0
         self._collector: Collector | None = None
+        # Runtime objects, kept out of the module's state_dict (environments are nn.Modules too).
+        self._runtime: dict[str, Any] = {}
 
     def _validate(self) -> None:
         """Reject invalid hyperparameters with the field, the value and the fix."""
         hp = self.hparams
         positive = ("num_envs", "rollout_length", "total_frames", "actor_lr", "critic_lr", "clip_epsilon")
         positive += ("ppo_epochs", "num_minibatches", "max_grad_norm", "huber_delta", "hidden_size")
+        positive += ("eval_episodes", "eval_num_envs")
         for name in positive:
             if not hp[name] > 0:
                 raise ValueError(f"model.{name}={hp[name]!r} must be > 0")
-        for name in ("entropy_coef", "depth", "diagnostics_interval"):
+        for name in ("entropy_coef", "depth", "diagnostics_interval", "eval_interval", "checkpoint_interval"):
             if hp[name] < 0:
                 raise ValueError(f"model.{name}={hp[name]!r} must be >= 0")
         for name in ("gamma", "gae_lambda"):
@@ -208,22 +228,50 @@ class FP3OModule(L.LightningModule):
         return env
 
     def on_fit_start(self) -> None:
-        """Build the collector once the module is on its device; seeds are offset by global rank."""
+        """Build the collector once the module is on its device; seeds are offset by global rank.
+
+        When resuming, the environments, the observation they carry over and every random
+        generator are restored from the checkpoint, so the run continues exactly as if it had
+        not stopped.
+        """
         seed = self.hparams.seed + 1000 * self.global_rank
         L.seed_everything(seed, verbose=False)  # action sampling draws from the global generator
-        env = self.make_env(seed)
+        self.schedule_evaluation()
         self._collector = Collector(
-            env,
+            self.make_env(seed),
             self.make_actor(),
             frames_per_batch=self.frames_per_batch,
             total_frames=-1,
             env_device="cpu",
             policy_device=self.device,
             storing_device=self.device,
+            track_traj_ids=False,
             auto_register_policy_transforms=False,
         )
+        resume = self._runtime.pop("resume", None)
+        if resume is not None:
+            self.load_collector_state(resume["collector"])
+            set_rng_states(resume["rng"])
         self._rollouts = iter(self._collector)
         self.tag_runs()
+
+    def collector_state(self) -> dict[str, Any]:
+        """The environments' state and the observation the collector carries into the next rollout.
+
+        TorchRL's ``Collector.state_dict()`` keeps neither a ``TransformedEnv``'s base environment
+        nor the carried observation (``_carrier``), both needed to continue bit-exactly.
+        """
+        carrier = self._collector._carrier
+        return {
+            "env": self._collector.env.base_env.state_dict(),
+            "carrier": carrier.cpu().to_dict(),
+            "batch_size": list(carrier.batch_size),
+        }
+
+    def load_collector_state(self, state: dict[str, Any]) -> None:
+        self._collector.env.base_env.load_state_dict(state["env"])
+        carrier = TensorDict(state["carrier"], batch_size=state["batch_size"])
+        self._collector._carrier.update(carrier.to(self._collector._carrier.device))
 
     def tag_runs(self) -> None:
         """Tag MLflow runs with what reports group by: task, env, algorithm, sharing and seed."""
@@ -240,8 +288,39 @@ class FP3OModule(L.LightningModule):
             self._collector.shutdown()
             self._collector = None
 
+    def on_train_end(self) -> None:
+        """A final evaluation, unless the last iteration was just evaluated."""
+        interval = self.hparams.eval_interval
+        if interval and self.iteration % interval:
+            self.log_evaluation("eval", self.evaluate())
+
     def train_dataloader(self) -> _Iterations:
         return _Iterations(self)
+
+    def val_dataloader(self) -> list[int]:
+        return [0]  # one validation batch = one evaluation of eval_episodes episodes
+
+    def test_dataloader(self) -> list[int]:
+        return [0]
+
+    def schedule_evaluation(self) -> None:
+        """Validation every ``eval_interval`` iterations across the run (which is one long epoch)."""
+        if self.hparams.eval_interval:
+            self.trainer.val_check_interval = self.hparams.eval_interval
+            self.trainer.check_val_every_n_epoch = None
+        else:
+            self.trainer.limit_val_batches = 0
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Checkpoints by iteration and by evaluation return (replacing Lightning's default one)."""
+        if not (self.hparams.checkpoint_interval and self.trainer.checkpoint_callbacks):
+            return []
+        callbacks: list[L.Callback] = [
+            IterationCheckpoint(every_n_iterations=self.hparams.checkpoint_interval)
+        ]
+        if self.hparams.eval_interval:
+            callbacks.append(BestEvalCheckpoint())
+        return callbacks
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
@@ -406,6 +485,61 @@ class FP3OModule(L.LightningModule):
             stats["value_loss"] = value_loss
         return stats
 
+    def validation_step(self, batch: int, batch_idx: int) -> None:
+        if not self.trainer.sanity_checking:
+            self.log_evaluation("eval", self.evaluate())
+
+    def test_step(self, batch: int, batch_idx: int) -> None:
+        self.log_evaluation("test", self.evaluate())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Tensor]:
+        """``eval_episodes`` deterministic episodes on a separate environment with its own fixed seed.
+
+        The evaluation environment is reseeded every time, so a fixed policy always scores the same.
+        Returns each episode's return and, where the environment reports wins (a ``"won"`` key),
+        whether it was won.
+        """
+        hp = self.hparams
+        if "eval_env" not in self._runtime:
+            num_envs = min(hp.eval_num_envs, hp.eval_episodes)
+            self._runtime["eval_env"] = make_env(**hp.env, num_envs=num_envs, device=self.device)
+        env, actor = self._runtime["eval_env"], self.make_actor()
+        env.set_seed(hp.seed + EVAL_SEED_OFFSET)
+        returns, wins = [], []
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            while sum(r.numel() for r in returns) < hp.eval_episodes:
+                rollout = env.rollout(env.max_episode_steps, actor, break_when_any_done=False)
+                done = rollout["next", "done"].squeeze(-1)
+                in_first_episode = (done.cumsum(-1) - done.long()) == 0
+                returns.append((rollout["next", "reward"].squeeze(-1) * in_first_episode).sum(-1))
+                if ("next", "won") in rollout.keys(True):
+                    first_done = done & in_first_episode
+                    wins.append((rollout["next", "won"].squeeze(-1) & first_done).any(-1))
+        result = {"returns": torch.cat(returns)[: hp.eval_episodes]}
+        if wins:
+            result["wins"] = torch.cat(wins)[: hp.eval_episodes]
+        return result
+
+    def log_evaluation(self, stage: str, result: dict[str, Tensor]) -> None:
+        """Log ``<stage>/return_mean``, ``return_std``, ``episodes`` and ``win_rate`` at the frame count."""
+        returns = result["returns"].float()
+        metrics = {"return_mean": returns.mean(), "return_std": returns.std(unbiased=False)}
+        metrics["episodes"] = torch.tensor(float(returns.numel()))
+        if "wins" in result:
+            metrics["win_rate"] = result["wins"].float().mean()
+        metrics = {f"{stage}/{k}": float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.frames)
+        if self.trainer.validating or self.trainer.testing:  # for progress bar and checkpoint monitors
+            self.log(
+                f"{stage}/return_mean",
+                metrics[f"{stage}/return_mean"],
+                prog_bar=True,
+                logger=False,
+                batch_size=1,
+            )
+
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum across DDP processes (identity on one device)."""
         if self.trainer.world_size == 1:
@@ -439,8 +573,9 @@ class FP3OModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.frames)
         if "train/episode_return" in metrics:
-            self.log("return", metrics["train/episode_return"], prog_bar=True, logger=False)
-        self.log("frames", float(self.frames), prog_bar=True, logger=False)
+            self.log("return", metrics["train/episode_return"], prog_bar=True, logger=False, batch_size=1)
+        self.log("frames", float(self.frames), prog_bar=True, logger=False, batch_size=1)
+        self.log("iteration", float(self.iteration), logger=False, batch_size=1)  # checkpoint names
 
     def log_diagnostics_figure(self, start_ratio: Tensor, end_kl: Tensor) -> None:
         """Log the per-agent ratio/KL distributions of this iteration as an MLflow figure."""
@@ -460,7 +595,10 @@ class FP3OModule(L.LightningModule):
             "iteration": self.iteration,
             "frames": self.frames,
             "generator": self.generator.get_state(),
+            "rng": rng_states(),
         }
+        if self._collector is not None:
+            checkpoint["fp3o"]["collector"] = self.collector_state()
         for logger in self.loggers:
             if isinstance(logger, MLFlowLogger):  # where `fp3o render` and resumed runs log to
                 checkpoint["fp3o"]["mlflow"] = {
@@ -474,3 +612,34 @@ class FP3OModule(L.LightningModule):
         self.frames = state.get("frames", 0)
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        if "collector" in state:  # applied when the collector is rebuilt, in on_fit_start
+            self._runtime["resume"] = {"collector": state["collector"], "rng": state["rng"]}
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global random generator's state (Python, NumPy, torch CPU and CUDA).
+
+    Plain tensors, tuples and numbers only, so checkpoints load with ``weights_only=True``.
+    """
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached),
+        ),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

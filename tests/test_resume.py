@@ -1,0 +1,72 @@
+"""Checkpoints by iteration, and a run that crashes and resumes gives the same metrics as one that didn't."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import pytest
+
+from fp3o_lightning.cli import main
+
+ENV = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 50}
+ARGS = [
+    "fit",
+    f"--model.env={json.dumps(ENV)}",
+    "--model.num_envs=2",
+    "--model.rollout_length=50",
+    "--model.total_frames=500",
+    "--model.num_minibatches=2",
+    "--model.ppo_epochs=2",
+    "--model.eval_interval=2",
+    "--model.eval_episodes=2",
+    "--model.checkpoint_interval=1",
+    "--trainer.enable_progress_bar=false",
+]
+METRICS = ("train/episode_return", "train/value_loss_independence", "agent_1/kl_old_new", "eval/return_mean")
+
+
+class CrashAt(L.Callback):
+    """Stops a run with an error at the end of a given iteration, before its checkpoint is written."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.iteration == self.iteration:
+            raise RuntimeError("simulated crash")
+
+
+def run_metrics(directory: Path) -> tuple[int, dict[str, dict[int, float]]]:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{directory / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fp3o").experiment_id])
+    histories = {
+        name: {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, name)}
+        for name in METRICS
+    }
+    return len(runs), histories
+
+
+def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch):
+    (reference := tmp_path / "reference").mkdir()
+    (crashed := tmp_path / "crashed").mkdir()
+    monkeypatch.chdir(reference)
+    main(ARGS)
+    monkeypatch.chdir(crashed)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main([*ARGS, "--trainer.callbacks+=tests.test_resume.CrashAt", "--trainer.callbacks.iteration=3"])
+    (run_dir,) = (crashed / "checkpoints").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "best-iteration=2.ckpt",
+        "iteration=1.ckpt",
+        "iteration=2.ckpt",
+        "last.ckpt",
+    ]
+    main([*ARGS, "--ckpt_path=last"])
+    runs, resumed = run_metrics(crashed)
+    assert runs == 1  # the resumed fit continued the same MLflow run
+    _, expected = run_metrics(reference)
+    assert sorted(resumed["train/episode_return"]) == [100, 200, 300, 400, 500]
+    assert resumed == expected
