@@ -7,11 +7,11 @@ option with its value; ``--help`` documents them. Runs go to an embedded MLflow 
 
 - ``fp3o fit … --ckpt_path last`` resumes the newest ``checkpoints/*/last.ckpt`` (or a given path)
   and continues its MLflow run.
-- ``fp3o validate --ckpt_path PATH`` and ``fp3o test --ckpt_path PATH`` evaluate a saved policy; the
-  model is rebuilt from the checkpoint's own hyperparameters (``--model.eval_episodes`` and
-  ``--model.eval_num_envs`` still apply).
+- ``fp3o validate --ckpt_path PATH`` and ``fp3o test --ckpt_path PATH`` evaluate a saved policy
+  (``eval_episodes`` deterministic episodes); with a checkpoint, the model's options come from it.
 - ``fp3o report …`` prints the paper's tables from MLflow runs (``fp3o_lightning.report``);
-  ``fp3o sweep …`` runs a grid of fits over seeds (``fp3o_lightning.sweep``).
+  ``fp3o sweep …`` runs a grid of fits over seeds (``fp3o_lightning.sweep``);
+  ``fp3o render --ckpt_path PATH`` writes an evaluation episode to mp4/gif (``fp3o_lightning.render``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from fp3o_lightning.callbacks.checkpoints import CHECKPOINT_ROOT
 from fp3o_lightning.module import FP3OModule
-
-EVALUATION_OPTIONS = ("eval_episodes", "eval_num_envs")
 
 
 class LogConfigToMLflow(SaveConfigCallback):
@@ -83,28 +81,29 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 class FP3OCLI(LightningCLI):
-    """LightningCLI that resolves ``--ckpt_path last`` and resumes or evaluates from checkpoints."""
+    """LightningCLI that resolves ``--ckpt_path last`` and resumes fits into their MLflow run.
+
+    With a checkpoint, Lightning's CLI rebuilds the model from the checkpoint's hyperparameters.
+    """
 
     def before_instantiate_classes(self) -> None:
+        if self.config[self.subcommand].get("ckpt_path") == "last":
+            self.config[self.subcommand].ckpt_path = find_last_checkpoint()
+            self._parse_ckpt_path()  # Lightning's own: the model's options from the checkpoint
         config = self.config[self.subcommand]
-        if config.get("ckpt_path") is None:
+        if self.subcommand != "fit" or config.get("ckpt_path") is None:
             return
-        if config.ckpt_path == "last":
-            config.ckpt_path = find_last_checkpoint()
-        checkpoint = load_checkpoint(config.ckpt_path)
-        if self.subcommand == "fit":
-            run = checkpoint.get("fp3o", {}).get("mlflow")
-            logger = config.trainer.get("logger")
-            if run and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
-                logger.init_args.run_id = run["run_id"]  # continue the same MLflow run
-        else:
-            saved = dict(checkpoint["hyper_parameters"])
-            for name in EVALUATION_OPTIONS:
-                saved[name] = config.model[name]
-            config.model = Namespace(**saved)
+        run = load_checkpoint(config.ckpt_path).get("fp3o", {}).get("mlflow")
+        logger = config.trainer.get("logger")
+        if run and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
+            logger.init_args.run_id = run["run_id"]  # continue the same MLflow run
 
 
-COMMANDS = {"report": "fp3o_lightning.report", "sweep": "fp3o_lightning.sweep"}
+COMMANDS = {
+    "report": "fp3o_lightning.report",
+    "sweep": "fp3o_lightning.sweep",
+    "render": "fp3o_lightning.render",
+}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -70,3 +70,25 @@ def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch):
     _, expected = run_metrics(reference)
     assert sorted(resumed["train/episode_return"]) == [100, 200, 300, 400, 500]
     assert resumed == expected
+
+
+def eval_metric(directory: Path, name: str) -> list[float]:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{directory / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fp3o").experiment_id], order_by=["start_time"])
+    return [
+        client.get_metric_history(run.info.run_id, name)[-1].value for run in runs if name in run.data.metrics
+    ]
+
+
+def test_validate_and_test_evaluate_a_checkpoint_deterministically(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main([*ARGS, "--model.total_frames=200", "--model.eval_interval=0", "--model.eval_episodes=3"])
+    (checkpoint,) = Path("checkpoints").glob("*/last.ckpt")
+    # no --config: the model (Hopper 3x1, 2 envs, ...) comes from the checkpoint's hyperparameters
+    for _ in range(2):
+        main(["validate", f"--ckpt_path={checkpoint}"])
+    main(["test", f"--ckpt_path={checkpoint}"])
+    first, second = eval_metric(tmp_path, "eval/return_mean")
+    (tested,) = eval_metric(tmp_path, "test/return_mean")
+    assert first == second == tested
+    assert eval_metric(tmp_path, "eval/episodes") == [3.0, 3.0]

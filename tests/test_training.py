@@ -18,7 +18,10 @@ from fp3o_lightning.module import FP3OModule
 from .conftest import SMALL, fit_quietly, small_module
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+TASK_CONFIGS = sorted((ROOT / "configs" / "mamujoco").glob("*.yaml")) + [ROOT / "configs" / "quickstart.yaml"]
+PART_CONFIGS = sorted((ROOT / "configs" / "algorithms").glob("*.yaml")) + sorted(
+    (ROOT / "configs" / "sharing").glob("*.yaml")
+)
 
 
 def test_fit_writes_an_mlflow_run(tmp_path, monkeypatch):
@@ -65,13 +68,26 @@ def test_fit_writes_an_mlflow_run(tmp_path, monkeypatch):
     assert (tmp_path / "mlartifacts").is_dir()
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_configs_parse(config, capsys):
+def print_config(capsys, *args: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", TASK_CONFIGS, ids=lambda p: p.stem)
+def test_task_configs_parse(config, capsys):
+    printed = print_config(capsys, "--config", str(config))
     assert "clip_epsilon" in printed and "scenario" in printed
+
+
+@pytest.mark.parametrize("part", PART_CONFIGS, ids=lambda p: p.stem)
+def test_algorithm_and_sharing_configs_compose_with_a_task(part, capsys):
+    task = ROOT / "configs" / "mamujoco" / "walker_2x3.yaml"
+    printed = print_config(capsys, "--config", str(task), "--config", str(part))
+    key = "algorithm" if part.parent.name == "algorithms" else "sharing"
+    assert f"  {key}: {part.stem}\n" in printed
+    assert "scenario: Walker2d" in printed and "clip_epsilon: 0.05" in printed  # the task's values stay
 
 
 @pytest.mark.parametrize(
