@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,13 +33,14 @@ from fp3o_lightning.objectives import (
     huber_value_loss,
     normalize_advantage,
 )
-from fp3o_lightning.optim import AgentFreezer, clip_grad_norm_per_agent
+from fp3o_lightning.optim import AgentFreezer, NonFiniteGuard, clip_grad_norm_per_agent
 from fp3o_lightning.schemes import SCHEMES, make_scheme
 
 OBSERVATION = ("agents", "observation")
 ACTION = ("agents", "action")
 LOG_PROB = ("agents", "action_log_prob")
 LOC, SCALE = ("agents", "loc"), ("agents", "scale")
+NONFINITE = ("skip", "stop")
 EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
 DEFAULT_ENV: dict[str, Any] = {
@@ -98,6 +100,10 @@ class FP3OModule(L.LightningModule):
         checkpoint_interval: save ``checkpoints/<run>/iteration=<k>.ckpt`` (and ``last.ckpt``) every
             this many iterations, and keep the best evaluation in ``best-iteration=<k>.ckpt``; 0
             never. Only when the Trainer's checkpointing is enabled.
+        nonfinite: what to do when a NaN or Inf appears in the rollout (observations, state,
+            rewards), a loss or a gradient: ``skip`` the affected update (the parameters never see
+            it; a warning names where, and ``train/skipped_updates`` counts them) or ``stop`` the run
+            with an error naming where.
     """
 
     def __init__(
@@ -130,6 +136,7 @@ class FP3OModule(L.LightningModule):
         eval_episodes: int = 32,
         eval_num_envs: int = 8,
         checkpoint_interval: int = 50,
+        nonfinite: str = "skip",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -188,6 +195,8 @@ class FP3OModule(L.LightningModule):
                 raise ValueError(f"model.{name}={hp[name]!r} must lie in [0, 1]")
         if hp.sharing not in SHARING:
             raise ValueError(f"model.sharing={hp.sharing!r} is not a network type; choose one of {SHARING}")
+        if hp.nonfinite not in NONFINITE:
+            raise ValueError(f"model.nonfinite={hp.nonfinite!r} is unknown; choose one of {NONFINITE}")
         if hp.algorithm not in SCHEMES:
             raise ValueError(f"model.algorithm={hp.algorithm!r} is unknown; choose one of {tuple(SCHEMES)}")
         batch = hp.num_envs * hp.rollout_length
@@ -333,8 +342,19 @@ class FP3OModule(L.LightningModule):
     def training_step(self, iteration: int, batch_idx: int) -> None:
         start = time.perf_counter()
         rollout = next(self._rollouts)
+        self._runtime["skipped"] = torch.zeros(2, device=self.device)  # non-finite [losses, gradients]
+        self._runtime["steps"] = 0
+        bad = self.nonfinite_keys(rollout)
+        if bad:
+            self.handle_nonfinite(
+                f"the rollout's {', '.join(map(str, bad))}", skipped="this iteration's update"
+            )
+            self.frames += rollout.numel() * self.trainer.world_size
+            self.iteration += 1
+            return
         batch, value_explained = self.compute_advantages(rollout)
         stats = self.scheme.update(self, batch)
+        stats["skipped_updates"] = self.check_skipped_updates()
         self._collector.update_policy_weights_()
         self.iteration += 1
         self.frames += rollout.numel() * self.trainer.world_size
@@ -346,6 +366,31 @@ class FP3OModule(L.LightningModule):
         interval = self.hparams.diagnostics_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
             self.log_diagnostics_figure(start_ratio, end_kl)
+
+    def nonfinite_keys(self, rollout: TensorDictBase) -> list[Any]:
+        """The rollout keys holding a NaN or Inf (one host sync; agreed across DDP processes)."""
+        keys = [OBSERVATION, "state", ("next", "reward"), ("next", OBSERVATION), ("next", "state")]
+        flags = torch.stack([(~torch.isfinite(rollout[key])).any() for key in keys]).float()
+        flags = self.all_reduce_sum(flags)
+        return [key for key, flag in zip(keys, flags.tolist(), strict=True) if flag]
+
+    def check_skipped_updates(self) -> Tensor:
+        """Warn about (or stop on) minibatch updates the non-finite guard undid in this iteration."""
+        losses, gradients = self._runtime["skipped"].tolist()
+        if gradients:
+            where = "losses and gradients" if losses else "gradients"
+            self.handle_nonfinite(
+                where, skipped=f"{int(gradients)} of {self._runtime['steps']} minibatch updates"
+            )
+        return torch.tensor(gradients)
+
+    def handle_nonfinite(self, where: str, skipped: str) -> None:
+        message = f"iteration {self.iteration + 1}: NaN or Inf in {where}"
+        if self.hparams.nonfinite == "stop":
+            raise FloatingPointError(f"{message}; stopping (model.nonfinite=stop; 'skip' skips such updates)")
+        warnings.warn(f"{message}; skipped {skipped} (model.nonfinite=skip)", RuntimeWarning, stacklevel=2)
+        for logger in self.loggers:
+            logger.log_metrics({"train/skipped_nonfinite": 1.0}, step=self.frames)
 
     def values(self, tensordict: TensorDictBase) -> Tensor:
         """Critic values in normalised units, ``[..., 1]`` (central) or ``[..., n_agents]`` (local)."""
@@ -429,6 +474,11 @@ class FP3OModule(L.LightningModule):
         freezer = None
         if train_actor and agents is not None and not bool(agents.all()):
             freezer = AgentFreezer(self.policy.stacked_parameters(), actor_optimizer.optimizer, ~agents)
+        trained = [
+            opt for opt, on in ((actor_optimizer, train_actor), (critic_optimizer, train_critic)) if on
+        ]
+        guards = [NonFiniteGuard(optimizer.optimizer) for optimizer in trained]
+        skipped = self._runtime.setdefault("skipped", torch.zeros(2, device=self.device))
         zero = torch.zeros((), device=self.device)
         totals = torch.zeros(3, device=self.device)
         clipped = torch.zeros(self.n_agents, device=self.device)
@@ -459,13 +509,26 @@ class FP3OModule(L.LightningModule):
                     )
                 actor_optimizer.zero_grad()
                 critic_optimizer.zero_grad()
+                loss = policy_loss - hp.entropy_coef * entropy + value_loss
                 # Actor and critic graphs are disjoint: one backward serves both optimisers.
-                self.manual_backward(policy_loss - hp.entropy_coef * entropy + value_loss)
+                self.manual_backward(loss)
+                norms = [zero]
                 if train_actor:
                     if self.policy.per_agent_parameters:
-                        clip_grad_norm_per_agent(self.policy.parameters(), hp.max_grad_norm)
+                        norms.append(clip_grad_norm_per_agent(self.policy.parameters(), hp.max_grad_norm))
                     else:
-                        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
+                        norms.append(
+                            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
+                        )
+                if train_critic:
+                    norms.append(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), hp.max_grad_norm))
+                # Gradient norms are all-reduced under DDP, so every process takes the same decision.
+                finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
+                skipped += torch.stack([~torch.isfinite(loss.detach()), ~finite]).float()
+                self._runtime["steps"] = self._runtime.get("steps", 0) + 1
+                for guard in guards:
+                    guard.arm()
+                if train_actor:
                     actor_optimizer.step()
                     if freezer is not None:
                         freezer.restore()
@@ -473,9 +536,10 @@ class FP3OModule(L.LightningModule):
                         ratio = torch.exp(log_prob - minibatch[LOG_PROB])
                         clipped += ((ratio - 1.0).abs() > hp.clip_epsilon).float().mean(0)
                 if train_critic:
-                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), hp.max_grad_norm)
                     critic_optimizer.step()
-                totals += torch.stack([policy_loss, value_loss, entropy]).detach()
+                for guard in guards:
+                    guard.settle(finite)
+                totals += torch.stack([policy_loss, value_loss, entropy]).detach().nan_to_num()
         policy_loss, value_loss, entropy = totals / (hp.ppo_epochs * hp.num_minibatches)
         stats: dict[str, Tensor] = {}
         if train_actor:

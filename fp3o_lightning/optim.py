@@ -53,3 +53,34 @@ class AgentFreezer:
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key][self.frozen] = saved[key]
+
+
+class NonFiniteGuard:
+    """Undoes an optimiser step whose gradients were not finite, without a host sync.
+
+    ``arm()`` copies the parameters and optimiser state before ``optimizer.step()``; ``settle(ok)``
+    keeps the step where the 0-dim bool tensor ``ok`` is true and restores the copies where it is
+    false, so a NaN or Inf never reaches the parameters. Hand-written because neither torch nor
+    Lightning offers a sync-free conditional step (Lightning's ``detect_anomaly`` only raises).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.saved: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []
+
+    def arm(self) -> None:
+        self.saved = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                tensors = {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
+                self.saved.append((p, p.detach().clone(), tensors))
+
+    @torch.no_grad()
+    def settle(self, ok: Tensor) -> None:
+        for p, value, state in self.saved:
+            p.copy_(torch.where(ok, p, value))
+            for key, current in self.optimizer.state.get(p, {}).items():
+                if isinstance(current, Tensor):
+                    before = state.get(key, torch.zeros_like(current))  # state created by this step
+                    current.copy_(torch.where(ok, current, before))

@@ -16,6 +16,7 @@ SMALL = {
     "ppo_epochs": 2,
     "actor_lr": 1e-3,
     "critic_lr": 1e-3,
+    "eval_interval": 0,  # evaluation has its own tests
 }
 
 
