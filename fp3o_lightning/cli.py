@@ -98,6 +98,19 @@ class FP3OCLI(LightningCLI):
         if run and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
             logger.init_args.run_id = run["run_id"]  # continue the same MLflow run
 
+    def after_fit(self) -> None:
+        """An interrupted fit: mark its MLflow run KILLED and say how to resume."""
+        module = self.model
+        if not module.interrupted:
+            return
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.set_terminated(logger.run_id, "KILLED")
+        print(
+            f"Interrupted ({module.interrupted}) after iteration {module.iteration} "
+            f"({module.frames} frames); resume with the same command and --ckpt_path last"
+        )
+
 
 COMMANDS = {
     "report": "fp3o_lightning.report",

@@ -24,7 +24,7 @@ from torchrl.modules import IndependentNormal, ProbabilisticActor
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
 from fp3o_lightning import diagnostics
-from fp3o_lightning.callbacks import BestEvalCheckpoint, IterationCheckpoint
+from fp3o_lightning.callbacks import BestEvalCheckpoint, GracefulStop, IterationCheckpoint
 from fp3o_lightning.envs import make_env, task_name
 from fp3o_lightning.nets import SHARING, CentralCritic, GaussianPolicy, LocalCritic, ValueNormalizer
 from fp3o_lightning.objectives import (
@@ -174,6 +174,7 @@ class FP3OModule(L.LightningModule):
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.frames = 0
+        self.interrupted: str | None = None  # "SIGTERM" or "Ctrl-C" when fit stopped early
         self._collector: Collector | None = None
         # Runtime objects, kept out of the module's state_dict (environments are nn.Modules too).
         self._runtime: dict[str, Any] = {}
@@ -300,7 +301,7 @@ class FP3OModule(L.LightningModule):
     def on_train_end(self) -> None:
         """A final evaluation, unless the last iteration was just evaluated."""
         interval = self.hparams.eval_interval
-        if interval and self.iteration % interval:
+        if interval and self.iteration % interval and not self.interrupted:
             self.log_evaluation("eval", self.evaluate())
 
     def train_dataloader(self) -> _Iterations:
@@ -321,11 +322,13 @@ class FP3OModule(L.LightningModule):
             self.trainer.limit_val_batches = 0
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Checkpoints by iteration and by evaluation return (replacing Lightning's default one)."""
+        """Checkpoints by iteration and by evaluation return (replacing Lightning's default one), and
+        a clean stop with a checkpoint on SIGTERM or Ctrl-C."""
         if not (self.hparams.checkpoint_interval and self.trainer.checkpoint_callbacks):
             return []
         callbacks: list[L.Callback] = [
-            IterationCheckpoint(every_n_iterations=self.hparams.checkpoint_interval)
+            IterationCheckpoint(every_n_iterations=self.hparams.checkpoint_interval),
+            GracefulStop(),
         ]
         if self.hparams.eval_interval:
             callbacks.append(BestEvalCheckpoint())

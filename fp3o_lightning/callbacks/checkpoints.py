@@ -51,12 +51,15 @@ class IterationCheckpoint(RunCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         iteration = pl_module.iteration
-        if iteration % self.every_n_iterations and iteration != pl_module.num_iterations:
-            return
+        if iteration % self.every_n_iterations == 0 or iteration == pl_module.num_iterations:
+            self.save(trainer, pl_module)
+
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save ``iteration=<k>.ckpt`` and ``last.ckpt`` now (at an iteration boundary)."""
         if self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
-        candidates["iteration"] = torch.tensor(float(iteration))
+        candidates["iteration"] = torch.tensor(float(pl_module.iteration))
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 

@@ -1,0 +1,49 @@
+"""SIGTERM or Ctrl-C during `fp3o fit` saves a resumable checkpoint; resuming continues count and run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from fp3o_lightning.cli import main
+
+from .test_resume import ARGS
+
+LONG = [*ARGS, "--model.total_frames=1500", "--model.eval_interval=0"]  # checkpoint every iteration
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, signum):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fp3o_lightning.cli", *LONG],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("checkpoints/*/iteration=2.ckpt")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "resume with the same command and --ckpt_path last" in output
+    (checkpoint,) = tmp_path.glob("checkpoints/*/last.ckpt")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fp3o").experiment_id])
+    assert run.info.status == "KILLED"
+    stopped_at = int(run.data.metrics["train/iteration"])
+    assert stopped_at >= 2
+
+    monkeypatch.chdir(tmp_path)
+    main([*LONG, "--ckpt_path=last"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fp3o").experiment_id])
+    frames = [m.step for m in client.get_metric_history(run.info.run_id, "train/iteration")]
+    assert run.info.status == "FINISHED"
+    assert stopped_at < 15 and sorted(set(frames)) == list(range(100, 1501, 100))  # the count continued
