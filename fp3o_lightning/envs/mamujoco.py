@@ -12,12 +12,29 @@ steps them sequentially inside one :meth:`~MaMuJoCoEnv._step`. The data it produ
   Gymnasium observation).
 * ``"reward"`` float32 ``[num_envs, 1]``: the team reward.
 * ``"done"``, ``"terminated"``, ``"truncated"`` bool ``[num_envs, 1]``.
+* ``"faulted"`` bool ``[num_envs, 1]`` (an observation, in every step and reset output): True only where the
+  sub-env was rebuilt after a fault during this step or reset (see below), False in normal operation.
 
 Time limit: Gymnasium's ``gymnasium.make`` wraps the single-agent env in a ``TimeLimit`` with the registered
 length (1000 for most tasks, but 50 for Reacher and 100 for Pusher), which gymnasium-robotics keeps. This
 env steps the *unwrapped* MuJoCo env instead and applies its own limit, so an episode is truncated exactly
 once, after ``max_episode_steps`` steps, for every scenario. Termination (the unhealthy condition of
 Hopper, Walker2d, Ant, ...) comes from the simulator and is reported separately.
+
+Faults: a sub-env whose ``step`` or ``reset`` raises an ``Exception`` (a simulator crash: a MuJoCo
+instability here, a StarCraft II crash in the SMAC envs) is rebuilt from scratch (a fresh ``parallel_env``,
+built as the constructor builds them) and reset, and the run goes on; ``max_faults`` (default 10) caps the
+rebuilds over the env's life and :attr:`MaMuJoCoEnv.faults` counts them. Each fault emits an
+:class:`EnvFaultWarning`. A sub-env that faulted while stepping returns its rebuilt instance's reset
+observation and state, reward 0, ``truncated=True``, ``terminated=False``, ``done=True`` and
+``faulted=True``: its episode is cut short and trainers should drop it from their statistics. That reset
+starts the sub-env's next episode (the auto-reset that follows ``done`` keeps it, unless :meth:`set_seed`
+was called in between). A reset that raises is retried on a rebuilt instance (``faulted=True`` in the reset
+output, no episode is lost). The rebuilt instance ``i`` after the env's ``k``-th fault (``k`` counts from 1
+and is kept in the saved state) is reset with the seed
+``int(numpy.random.SeedSequence(seed, spawn_key=(i, k)).generate_state(1)[0])``, ``seed`` being the env's
+seed (the constructor's ``seed`` or the last :meth:`set_seed`): runs with the same seed rebuild identically,
+and the other sub-envs are untouched. An unseeded env rebuilds from fresh OS entropy.
 
 Rendering: built with ``render_mode="rgb_array"``, :meth:`MaMuJoCoEnv.render` returns an RGB frame of one
 sub-env, rendered off-screen. Unless ``MUJOCO_GL`` is already set, :func:`configure_headless_gl` picks EGL
@@ -26,6 +43,7 @@ sub-env, rendered off-screen. Unless ``MUJOCO_GL`` is already set, :func:`config
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import os
 import platform
@@ -41,7 +59,13 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-__all__ = ["MaMuJoCoEnv", "VALID_AGENT_CONFS", "MANY_SEGMENT_SCENARIOS", "configure_headless_gl"]
+__all__ = [
+    "EnvFaultWarning",
+    "MaMuJoCoEnv",
+    "VALID_AGENT_CONFS",
+    "MANY_SEGMENT_SCENARIOS",
+    "configure_headless_gl",
+]
 
 #: Agent factorisations known to gymnasium-robotics 1.4 (``obsk.get_parts_and_edges``), per scenario.
 #: ``None`` is the single-agent, fully observable version. ``CoupledHalfCheetah`` is left out: its
@@ -205,6 +229,10 @@ def _make_parallel_envs(
         ]
 
 
+class EnvFaultWarning(RuntimeWarning):
+    """Emitted when a sub-environment raised and was rebuilt (see :class:`MaMuJoCoEnv`'s ``max_faults``)."""
+
+
 def _plain(value: Any) -> Any:
     """``value`` with numpy arrays as tensors and numpy scalars as Python numbers (``weights_only``-safe)."""
     if isinstance(value, dict):
@@ -243,9 +271,14 @@ class MaMuJoCoEnv(EnvBase):
         camera_name: the model camera to render from; the default ``"track"`` follows the robot in the
             scenarios whose model defines it (HalfCheetah, Ant, Hopper, Walker2d, Swimmer, Humanoid), the
             others fall back to Gymnasium's free camera.
+        max_faults: how many times over the env's life a sub-env that raised during ``step``/``reset`` is
+            rebuilt (see the module docstring); one more fault raises a ``RuntimeError``. ``0`` re-raises
+            the first fault's exception unchanged.
 
     Attributes:
-        scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode: the constructor arguments.
+        scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode, max_faults: the
+            constructor arguments.
+        faults: sub-env rebuilds so far (kept in the saved state).
         n_agents: number of agents; agent_names: gymnasium-robotics agent names (``"agent_0"``, ...).
         observation_sizes / action_sizes: per-agent unpadded observation / action sizes.
         max_obs_dim / max_action_dim: padded sizes; state_size: size of ``"state"``.
@@ -267,6 +300,7 @@ class MaMuJoCoEnv(EnvBase):
         width: int = 480,
         height: int = 480,
         camera_name: str | None = "track",
+        max_faults: int = 10,
     ) -> None:
         if not isinstance(agent_obsk, int) or isinstance(agent_obsk, bool) or agent_obsk < 0:
             raise ValueError(f"agent_obsk must be an integer >= 0, got {agent_obsk!r}.")
@@ -274,6 +308,8 @@ class MaMuJoCoEnv(EnvBase):
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}.")
         if not isinstance(max_episode_steps, int) or max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}.")
+        if not isinstance(max_faults, int) or isinstance(max_faults, bool) or max_faults < 0:
+            raise ValueError(f"max_faults must be an integer >= 0, got {max_faults!r}.")
         if render_mode is not None and render_mode not in RENDER_MODES:
             raise ValueError(f"render_mode must be None or one of {RENDER_MODES}, got {render_mode!r}.")
         for name, size in (("width", width), ("height", height)):
@@ -288,6 +324,8 @@ class MaMuJoCoEnv(EnvBase):
         self.num_envs = num_envs
         self.max_episode_steps = max_episode_steps
         self.render_mode = render_mode
+        self.max_faults = max_faults
+        self._faults = 0
 
         gym_kwargs: dict[str, Any] = {}
         if render_mode is not None:
@@ -295,6 +333,7 @@ class MaMuJoCoEnv(EnvBase):
             gym_kwargs = {"render_mode": render_mode, "width": width, "height": height}
             gym_kwargs["camera_name"] = camera_name
         self._rendered = False
+        self._gym_kwargs = gym_kwargs
         self._penvs = _make_parallel_envs(scenario, agent_conf, agent_obsk, num_envs, **gym_kwargs)
         penv = self._penvs[0]
         # Stepping the unwrapped MuJoCo env skips Gymnasium's TimeLimit (we apply our own) and checkers.
@@ -323,8 +362,12 @@ class MaMuJoCoEnv(EnvBase):
         self._reward = np.zeros((n, 1), dtype=np.float32)
         self._terminated = np.zeros((n, 1), dtype=bool)
         self._truncated = np.zeros((n, 1), dtype=bool)
+        self._faulted = np.zeros((n, 1), dtype=bool)
+        # True where a faulted step rebuilt and reset the sub-env: the auto-reset that follows keeps it.
+        self._fresh = np.zeros(n, dtype=bool)
         self._elapsed = np.zeros(n, dtype=np.int64)
         self._pending_seeds: list[int | None] = [None] * n
+        self._base_seed: int | None = None
         self._agents_batch = torch.Size([n, a])
         self._to_device = self.device.type != "cpu"
         if seed is not None:
@@ -368,6 +411,7 @@ class MaMuJoCoEnv(EnvBase):
                 device=self.device,
             ),
             state=Unbounded(shape=(n, self.state_size), dtype=torch.float32, device=self.device),
+            faulted=Categorical(2, shape=(n, 1), dtype=torch.bool, device=self.device),
             shape=(n,),
             device=self.device,
         )
@@ -407,6 +451,7 @@ class MaMuJoCoEnv(EnvBase):
             "done": terminated | truncated,
             "terminated": terminated,
             "truncated": truncated,
+            "faulted": torch.from_numpy(self._faulted.copy()),
         }
         if reward:
             data["reward"] = torch.from_numpy(self._reward.copy())
@@ -425,13 +470,23 @@ class MaMuJoCoEnv(EnvBase):
         action = np.clip(action, self._act_low, self._act_high, dtype=np.float32)
         # float32 agent actions -> float64 global actions, as gymnasium-robotics does.
         global_action = action[:, self._act_agent, self._act_slot].astype(np.float64)
+        self._faulted.fill(False)
+        self._fresh.fill(False)
         for i, sim in enumerate(self._sims):
-            state, reward, terminated, truncated, _ = sim.step(global_action[i])
+            try:
+                state, reward, terminated, truncated, _ = sim.step(global_action[i])
+                self._write_obs(i, state)
+            except Exception as err:
+                self._recover(i, err, "step")
+                self._fresh[i] = True
+                self._reward[i, 0] = 0.0
+                self._terminated[i, 0] = False
+                self._truncated[i, 0] = True
+                continue
             self._elapsed[i] += 1
             self._reward[i, 0] = reward
             self._terminated[i, 0] = terminated
             self._truncated[i, 0] = truncated or self._elapsed[i] >= self.max_episode_steps
-            self._write_obs(i, state)
         return self._output(reward=True)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
@@ -440,21 +495,102 @@ class MaMuJoCoEnv(EnvBase):
             indices: Sequence[int] = range(self.num_envs)
         else:
             indices = np.flatnonzero(reset.reshape(self.num_envs).cpu().numpy()).tolist()
+        self._faulted.fill(False)
         for i in indices:
             seed, self._pending_seeds[i] = self._pending_seeds[i], None
-            state, _ = self._sims[i].reset(seed=seed)
+            # A sub-env rebuilt by a faulted step was reset then: its new episode starts from that reset.
+            if not (self._fresh[i] and seed is None):
+                try:
+                    state, _ = self._sims[i].reset(seed=seed)
+                    self._write_obs(i, state)
+                except Exception as err:
+                    self._recover(i, err, "reset")
+            self._fresh[i] = False
             self._elapsed[i] = 0
             self._terminated[i, 0] = self._truncated[i, 0] = False
-            self._write_obs(i, state)
         return self._output(reward=False)
 
     def _set_seed(self, seed: int | None) -> None:
-        """Seed sub-env ``i`` with ``seed + i`` at its next reset (``None`` clears pending seeds)."""
+        """Seed sub-env ``i`` with ``seed + i`` at its next reset (``None`` clears pending seeds).
+
+        ``seed`` is also the entropy of the seeds of rebuilt sub-envs (:meth:`fault_seed`).
+        """
+        self._base_seed = None if seed is None else int(seed)
         self._pending_seeds = [None if seed is None else int(seed) + i for i in range(self.num_envs)]
 
+    # ------------------------------------------------------------------ faults
+    @property
+    def faults(self) -> int:
+        """How many times a sub-env was rebuilt after raising (over the env's life, saved states included)."""
+        return self._faults
+
+    def fault_seed(self, index: int, fault: int) -> int | None:
+        """The reset seed of sub-env ``index`` rebuilt after the env's ``fault``-th fault (from 1).
+
+        ``SeedSequence(seed, spawn_key=(index, fault))`` of the env's seed (the constructor's or the last
+        :meth:`set_seed`'s), as a 32-bit integer: deterministic, distinct per sub-env and fault, and
+        independent of the other sub-envs' generators. ``None`` when the env is unseeded (the rebuilt
+        sub-env then draws fresh OS entropy, like an unseeded reset).
+        """
+        if self._base_seed is None:
+            return None
+        sequence = np.random.SeedSequence(self._base_seed, spawn_key=(index, fault))
+        return int(sequence.generate_state(1)[0])
+
+    def _rebuild(self, index: int) -> None:
+        """Replace sub-env ``index`` by a fresh ``parallel_env`` built as the constructor builds them."""
+        penv = _make_parallel_envs(self.scenario, self.agent_conf, self.agent_obsk, 1, **self._gym_kwargs)[0]
+        old, self._penvs[index] = self._penvs[index], penv
+        self._sims[index] = penv.single_agent_env.unwrapped
+        with contextlib.suppress(Exception):  # a crashed simulator may fail to close; it is dropped anyway
+            old.close()
+
+    def _recover(self, index: int, err: Exception, during: str) -> None:
+        """Rebuild sub-env ``index`` after ``err`` (raised during ``during``) and reset it.
+
+        Writes the reset observation and state into the buffers and sets ``faulted``; the caller sets the
+        done flags and reward. A rebuild or reset that raises again counts as another fault.
+
+        Raises:
+            Exception: ``err`` itself when ``max_faults`` is 0.
+            RuntimeError: from the last exception when it would exceed ``max_faults``.
+        """
+        label = self.scenario if self.agent_conf is None else f"{self.scenario} {self.agent_conf}"
+        while True:
+            if self._faults >= self.max_faults:
+                if self.max_faults == 0:
+                    raise err
+                raise RuntimeError(
+                    f"{type(self).__name__} {label}: sub-env {index} raised during {during} "
+                    f"({type(err).__name__}: {err}) after {self._faults} faults already recovered, which is "
+                    f"max_faults={self.max_faults}. Raise the limit with {type(self).__name__}(..., "
+                    f"max_faults=<n>) (the env's `max_faults` option in a run config), or find out why the "
+                    "simulator crashes."
+                ) from err
+            self._faults += 1
+            warnings.warn(
+                f"{type(self).__name__} {label}: sub-env {index} raised during {during} "
+                f"({type(err).__name__}: {err}); rebuilt it and dropped its episode "
+                f"(fault {self._faults}/{self.max_faults}).",
+                EnvFaultWarning,
+                stacklevel=3,
+            )
+            try:
+                self._rebuild(index)
+                state, _ = self._sims[index].reset(seed=self.fault_seed(index, self._faults))
+                self._write_obs(index, state)
+            except Exception as again:
+                err, during = again, "its rebuild after a fault"
+                continue
+            self._elapsed[index] = 0
+            self._faulted[index, 0] = True
+            return
+
     # ------------------------------------------------------------------ checkpointing
-    #: Version of the :meth:`get_extra_state` layout.
-    _STATE_FORMAT = 1
+    #: Version of the :meth:`get_extra_state` layout. Format 2 added ``"faults"``, ``"seed"`` and ``"fresh"``;
+    #: format-1 states still load (as an env with no faults that keeps this env's seed for rebuilds).
+    _STATE_FORMAT = 2
+    _STATE_FORMATS = (1, 2)
     #: ``mjData`` fields derived from the state, kept in the extra state beside MuJoCo's integration state.
     #: ``mj_setState`` leaves them as they were, and they are not recomputed before the next step's physics,
     #: but Gymnasium reads some before simulating (Ant's ``xpos``, Humanoid's ``xipos`` for the forward
@@ -517,8 +653,11 @@ class MaMuJoCoEnv(EnvBase):
         * ``"np_random"`` / ``"np_random_seed"``: the Gymnasium env's generator state (it draws the initial
           states of later resets) and seed;
         * ``"pending_seeds"``: seeds given to :meth:`set_seed` and not yet used by a reset;
+        * ``"fresh"``: which sub-envs were rebuilt by the last step (their next auto-reset keeps that reset);
 
-        and ``"format"`` and ``"config"`` (the constructor arguments above and ``max_episode_steps``).
+        and ``"faults"`` (:attr:`faults`, so a resumed run keeps counting towards ``max_faults``), ``"seed"``
+        (the env's seed, from which the seeds of rebuilt sub-envs are derived), ``"format"`` and ``"config"``
+        (the constructor arguments above and ``max_episode_steps``).
 
         It does **not** include the current observation TensorDict (what the last ``reset`` or
         ``step_and_maybe_reset`` returned): the caller (e.g. a collector) keeps it and passes it, with the
@@ -552,26 +691,32 @@ class MaMuJoCoEnv(EnvBase):
             "np_random": [_plain(sim.np_random.bit_generator.state) for sim in self._sims],
             "np_random_seed": [_plain(sim._np_random_seed) for sim in self._sims],
             "pending_seeds": [None if s is None else int(s) for s in self._pending_seeds],
+            "fresh": torch.from_numpy(self._fresh.copy()),
+            "faults": int(self._faults),
+            "seed": self._base_seed,
         }
 
     def set_extra_state(self, state: Any) -> None:
         """Restore a state made by :meth:`get_extra_state` (called by :meth:`load_state_dict`).
 
-        The whole state is checked before anything is changed.
+        The whole state is checked before anything is changed. It restores :attr:`faults` (a state saved with
+        more faults than this env's ``max_faults`` loads, and the next fault raises) and the seed that the
+        seeds of rebuilt sub-envs derive from. States of format 1 (saved before fault recovery existed)
+        load too, with no faults counted and this env's own seed kept.
 
         Raises:
             ValueError: if ``state`` is not such a state, or comes from an env with a different
-                ``scenario``, ``agent_conf``, ``agent_obsk`` or ``num_envs`` (``max_episode_steps`` may
-                differ: the restored step counters then count towards the new limit).
+                ``scenario``, ``agent_conf``, ``agent_obsk`` or ``num_envs`` (``max_episode_steps`` and
+                ``max_faults`` may differ: the restored step counters then count towards the new limit).
         """
         import mujoco
 
         name = type(self).__name__
-        if not isinstance(state, dict) or state.get("format") != self._STATE_FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in self._STATE_FORMATS:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise ValueError(
-                f"Not a {name} state of format {self._STATE_FORMAT} (got {found!r}); it must come from "
-                f"{name}.state_dict()."
+                f"Not a {name} state of format {' or '.join(map(str, self._STATE_FORMATS))} (got {found!r}); "
+                f"it must come from {name}.state_dict()."
             )
         ours, theirs = self._state_config(), state["config"]
         diffs = [f"{k}={theirs.get(k)!r} (this env: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
@@ -596,6 +741,11 @@ class MaMuJoCoEnv(EnvBase):
                 raise ValueError(
                     f"Cannot load the {name} state: {key!r} has shape {value.shape}, not {expected}."
                 )
+        if state["format"] >= 2 and tuple(state["fresh"].shape) != (self.num_envs,):
+            raise ValueError(
+                f"Cannot load the {name} state: 'fresh' has shape {tuple(state['fresh'].shape)}, "
+                f"not {(self.num_envs,)}."
+            )
         generators = []
         for rng_state in state["np_random"]:
             generator = np.random.Generator(getattr(np.random, rng_state["bit_generator"])())
@@ -617,6 +767,13 @@ class MaMuJoCoEnv(EnvBase):
         self._terminated[:] = buffers["terminated"].numpy()
         self._truncated[:] = buffers["truncated"].numpy()
         self._pending_seeds = list(state["pending_seeds"])
+        if state["format"] >= 2:
+            self._fresh[:] = state["fresh"].numpy()
+            self._faults = int(state["faults"])
+            self._base_seed = state["seed"]
+        else:  # format 1 predates fault recovery
+            self._fresh[:] = False
+            self._faults = 0
 
     def render(self, index: int = 0) -> np.ndarray:
         """Render sub-env ``index`` as it is now: a ``[height, width, 3]`` uint8 RGB frame.
