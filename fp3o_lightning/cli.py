@@ -16,10 +16,12 @@ option with its value; ``--help`` documents them. Runs go to an embedded MLflow 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
 
 from fp3o_lightning.callbacks.checkpoints import CHECKPOINT_ROOT
 from fp3o_lightning.module import FP3OModule
@@ -80,6 +83,45 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def check_mlflow_store(logger: Any) -> None:
+    """Fail fast, before anything is built, when the configured MLflow store can't be reached or written.
+
+    Finds or creates the experiment (a write) with MLflow's HTTP retries off, so an unreachable
+    server fails in seconds rather than after minutes of back-off. A store that fails later, mid-run,
+    stops the run; it resumes from its last checkpoint with ``--ckpt_path last``.
+    """
+    if not (isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger")):
+        return
+    args = logger.init_args
+    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="15"):
+        try:
+            client = MlflowClient(args.tracking_uri)
+            if client.get_experiment_by_name(args.experiment_name) is None:
+                client.create_experiment(
+                    args.experiment_name, artifact_location=args.get("artifact_location")
+                )
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0][:300]
+            raise RuntimeError(
+                f"The MLflow store {args.tracking_uri} is unavailable or read-only ({type(error).__name__}: "
+                f"{reason}). Fix: start the tracking server or make the store writable, point "
+                "--trainer.logger.init_args.tracking_uri at a writable store (e.g. sqlite:///mlflow.db), "
+                "or train without MLflow with --trainer.logger false."
+            ) from error
+
+
+@contextlib.contextmanager
+def _environment(**variables: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block (unless the user set them)."""
+    added = {k: v for k, v in variables.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 class FP3OCLI(LightningCLI):
     """LightningCLI that resolves ``--ckpt_path last`` and resumes fits into their MLflow run.
 
@@ -91,6 +133,7 @@ class FP3OCLI(LightningCLI):
             self.config[self.subcommand].ckpt_path = find_last_checkpoint()
             self._parse_ckpt_path()  # Lightning's own: the model's options from the checkpoint
         config = self.config[self.subcommand]
+        check_mlflow_store(config.trainer.get("logger"))
         if self.subcommand != "fit" or config.get("ckpt_path") is None:
             return
         run = load_checkpoint(config.ckpt_path).get("fp3o", {}).get("mlflow")

@@ -151,3 +151,20 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path):
     assert float(spread) == 0.0
     # 512 frames over 2 processes of 128 frames per iteration: 2 iterations, 512 frames counted
     assert (int(frames), int(iterations)) == (512, 2)
+
+
+@pytest.mark.parametrize(
+    "uri", ["sqlite:///{tmp}/a-file/mlflow.db", "http://127.0.0.1:9"], ids=["unwritable", "unreachable"]
+)
+def test_unavailable_mlflow_store_fails_fast_naming_the_fix(uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("a file where the store's directory should be")
+    uri = uri.format(tmp=tmp_path)
+    env = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1"}
+    args = ["fit", f"--model.env={json.dumps(env)}", "--model.num_envs=1", "--model.rollout_length=32"]
+    args += ["--model.num_minibatches=1", "--model.total_frames=32", "--model.eval_interval=0"]
+    args += [f"--trainer.logger.init_args.tracking_uri={uri}"]
+    with pytest.raises(RuntimeError, match=r"unavailable or read-only .*--trainer.logger false") as error:
+        main(args)
+    assert uri in str(error.value)
+    assert not list(tmp_path.glob("checkpoints/*"))  # nothing trained
