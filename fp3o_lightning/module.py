@@ -622,7 +622,7 @@ class FP3OModule(L.LightningModule):
         ``train/``); agent orders (FP3O's selection, HAPPO's update order) under ``selection/``.
         Everything reaches the host in one transfer.
         """
-        returns = rollout["next", "episode_reward"][rollout["next", "done"]]
+        returns = finished_episode_returns(rollout)
         stats = {**stats, "episode_return": returns.mean(), "episodes": torch.tensor(returns.numel())}
         names, values = zip(*stats.items(), strict=True)
         flat = torch.cat([v.detach().float().reshape(-1).to(self.device) for v in values]).cpu()
@@ -710,3 +710,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def finished_episode_returns(rollout: TensorDictBase) -> Tensor:
+    """Returns of the episodes that ended in this rollout, except those a simulator fault cut short."""
+    finished = rollout["next", "done"]
+    if ("next", "faulted") in rollout.keys(True):
+        finished = finished & ~rollout["next", "faulted"]
+    return rollout["next", "episode_reward"][finished]

@@ -80,3 +80,18 @@ def test_stop_mode_raises_naming_where():
 def test_invalid_mode_is_named():
     with pytest.raises(ValueError, match="model.nonfinite='ignore'"):
         small_module(nonfinite="ignore")
+
+
+def test_episodes_cut_by_a_simulator_fault_do_not_count():
+    from tensordict import TensorDict
+
+    from fp3o_lightning.module import finished_episode_returns
+
+    done = torch.tensor([[True], [True], [False]])
+    faulted = torch.tensor([[False], [True], [False]])
+    rollout = TensorDict(
+        {"next": {"done": done, "episode_reward": torch.tensor([[5.0], [-99.0], [1.0]])}}, [3]
+    )
+    assert finished_episode_returns(rollout).tolist() == [5.0, -99.0]
+    rollout["next", "faulted"] = faulted
+    assert finished_episode_returns(rollout).tolist() == [5.0]
