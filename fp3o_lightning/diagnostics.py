@@ -6,12 +6,8 @@ the moment that agent's update starts, and KL(old || new) when its update ends (
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch import Tensor  # noqa: E402
+from matplotlib.figure import Figure
+from torch import Tensor
 
 
 def summaries(start_ratio: Tensor, end_kl: Tensor, clip_epsilon: float) -> dict[str, Tensor]:
@@ -30,7 +26,9 @@ def ratio_kl_figure(start_ratio: Tensor, end_kl: Tensor, clip_epsilon: float, ti
     start_ratio, end_kl = start_ratio.detach().float().cpu(), end_kl.detach().float().cpu()
     n_agents = start_ratio.shape[-1]
     agents = [str(i) for i in range(n_agents)]
-    figure, (ratio_axis, kl_axis) = plt.subplots(1, 2, figsize=(4 + 0.9 * n_agents, 3.6))
+    # A bare Figure (no pyplot): no global backend switch, nothing to close, notebooks unaffected.
+    figure = Figure(figsize=(4 + 0.9 * n_agents, 3.6))
+    ratio_axis, kl_axis = figure.subplots(1, 2)
     ratio_axis.boxplot(start_ratio.T.tolist(), tick_labels=agents, showfliers=False)
     ratio_axis.axhspan(1 - clip_epsilon, 1 + clip_epsilon, color="tab:green", alpha=0.15, label="1 ± ε")
     ratio_axis.set(xlabel="agent", ylabel="π_current / π_old at update start", title="ratio")
@@ -42,8 +40,4 @@ def ratio_kl_figure(start_ratio: Tensor, end_kl: Tensor, clip_epsilon: float, ti
     return figure
 
 
-def close(figure: Figure) -> None:
-    plt.close(figure)
-
-
-__all__ = ["close", "ratio_kl_figure", "summaries"]
+__all__ = ["ratio_kl_figure", "summaries"]

@@ -435,7 +435,14 @@ class FP3OModule(L.LightningModule):
             },
             batch_size=rollout.batch_size,
         )
-        return batch.reshape(-1), explained_variance(denormalized_value, target)
+        batch = batch.reshape(-1)
+        # As the paper's code does, the old policy's log-probs are recomputed on the whole flat
+        # batch: the collector computed them step by step, in other batch shapes, which rounds
+        # differently (~1e-7). Every update then starts from a ratio of exactly 1.
+        loc, scale = self.policy(batch[OBSERVATION])
+        batch[LOC], batch[SCALE] = loc, scale
+        batch[LOG_PROB] = IndependentNormal(loc, scale).log_prob(batch[ACTION])
+        return batch, explained_variance(denormalized_value, target)
 
     @torch.no_grad()
     def measure(self, batch: TensorDictBase) -> tuple[Tensor, Tensor]:
@@ -653,7 +660,6 @@ class FP3OModule(L.LightningModule):
                 figure = diagnostics.ratio_kl_figure(start_ratio, end_kl, hp.clip_epsilon, title)
                 path = f"diagnostics/ratio_kl_iteration_{self.iteration:06d}.png"
                 logger.experiment.log_figure(logger.run_id, figure, path)
-                diagnostics.close(figure)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from fp3o_lightning.module import FP3OModule
 
@@ -50,9 +51,9 @@ def fitted_module() -> FP3OModule:
 
 
 def rollout_batch(module: FP3OModule, steps: int = 64):
-    """A fresh rollout of the current policy, turned into the flat update batch."""
+    """A fresh rollout of the current policy (sampled actions, as in training), as the flat update batch."""
     env = module.make_env(seed=123)
-    with torch.no_grad():
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
         rollout = env.rollout(steps, module.make_actor(), break_when_any_done=False)
     env.close()
     return module.compute_advantages(rollout)[0]
