@@ -7,7 +7,6 @@ import os
 import types
 
 import imageio.v2 as imageio
-import lightning as L
 import mlflow
 import numpy as np
 import pytest
@@ -19,6 +18,8 @@ from fp3o_lightning.envs import ENV_REGISTRY, MaMuJoCoEnv
 from fp3o_lightning.envs.mamujoco import configure_headless_gl
 from fp3o_lightning.module import FP3OModule
 from fp3o_lightning.render import _gif_stride, main, render_episode
+
+from .conftest import fit_quietly
 
 ENV = {"name": "mamujoco", "scenario": "HalfCheetah", "agent_conf": "6x1", "max_episode_steps": 20}
 TINY = {"env": ENV, "num_envs": 1, "rollout_length": 10, "num_minibatches": 1, "ppo_epochs": 1}
@@ -155,17 +156,7 @@ def test_missing_or_unrenderable_checkpoint_is_reported(tmp_path, capsys) -> Non
 def test_cli_renders_a_checkpoint_and_logs_to_its_mlflow_run(tmp_path, capsys) -> None:
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logger = MLFlowLogger("render-test", tracking_uri=tracking_uri, artifact_location=str(tmp_path / "art"))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(tiny_module())
+    trainer = fit_quietly(tiny_module(), logger=logger)
     ckpt = tmp_path / "tiny.ckpt"
     trainer.save_checkpoint(ckpt)
     assert torch.load(ckpt, weights_only=False)["fp3o"]["mlflow"]["run_id"] == logger.run_id
