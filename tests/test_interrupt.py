@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import lightning as L
 import mlflow
 import pytest
 
@@ -17,11 +20,19 @@ from .test_resume import ARGS
 LONG = [*ARGS, "--model.total_frames=1500", "--model.eval_interval=0"]  # checkpoint every iteration
 
 
+class Slow(L.Callback):
+    """Makes each iteration last a while, so that the signal surely lands mid-run."""
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(1.0)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, signum):
     process = subprocess.Popen(
-        [sys.executable, "-m", "fp3o_lightning.cli", *LONG],
+        [sys.executable, "-m", "fp3o_lightning.cli", *LONG, "--trainer.callbacks+=tests.test_interrupt.Slow"],
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},  # for the Slow callback
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
