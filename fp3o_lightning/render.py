@@ -10,7 +10,6 @@ was written by a run logging to MLflow, the file is then logged to that run unde
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -51,17 +50,12 @@ def _check_output(output: str | Path) -> Path:
     return path
 
 
-def _can_render(env_cls: type) -> bool:
-    """Whether an env class takes ``render_mode`` (and then has ``render()``)."""
-    return "render_mode" in inspect.signature(env_cls.__init__).parameters
-
-
 def _check_renderable(env: dict[str, Any]) -> None:
     """Raise a ``ValueError`` if the env named in ``env`` cannot render frames."""
     name = env.get("name")
-    env_cls = ENV_REGISTRY.get(name)
-    if env_cls is None or not _can_render(env_cls):
-        renderable = ", ".join(sorted(n for n, c in ENV_REGISTRY.items() if _can_render(c)))
+    entry = ENV_REGISTRY.get(name)
+    if entry is None or not entry.renders:
+        renderable = ", ".join(sorted(n for n, e in ENV_REGISTRY.items() if e.renders))
         raise ValueError(f"Environment {name!r} cannot render videos; `fp3o render` supports: {renderable}.")
 
 

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
 
-from fp3o_lightning.envs import ENV_REGISTRY, MaMuJoCoEnv
+from fp3o_lightning.envs import ENV_REGISTRY, EnvEntry, MaMuJoCoEnv
 from fp3o_lightning.envs.mamujoco import configure_headless_gl
 from fp3o_lightning.module import FP3OModule
 from fp3o_lightning.render import _gif_stride, main, render_episode
@@ -132,7 +132,7 @@ def test_render_episode_stops_at_episode_end_and_is_deterministic(tmp_path) -> N
 def test_render_episode_rejects_bad_output_and_non_rendering_envs(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"\.mp4"):
         render_episode(tiny_module(), tmp_path / "episode.avi")
-    monkeypatch.setitem(ENV_REGISTRY, "headless", type("Headless", (), {"__init__": lambda self: None}))
+    monkeypatch.setitem(ENV_REGISTRY, "headless", EnvEntry("builtins:object"))
     module = types.SimpleNamespace(hparams=types.SimpleNamespace(env={"name": "headless"}))
     with pytest.raises(ValueError, match="'headless' cannot render videos; `fp3o render` supports: mamujoco"):
         render_episode(module, tmp_path / "episode.gif")

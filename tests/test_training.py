@@ -168,3 +168,14 @@ def test_unavailable_mlflow_store_fails_fast_naming_the_fix(uri, tmp_path, monke
         main(args)
     assert uri in str(error.value)
     assert not list(tmp_path.glob("checkpoints/*"))  # nothing trained
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch) -> None:
+    from fp3o_lightning.envs import ENV_REGISTRY, EnvEntry, make_env
+
+    entry = EnvEntry("fp3o_lightning.envs.nowhere:Env", ("a_module_that_is_not_installed",), extra="smax")
+    monkeypatch.setitem(ENV_REGISTRY, "needs_extra", entry)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fp3o-lightning\[smax\]'"):
+        make_env("needs_extra")
+    with pytest.raises(ModuleNotFoundError, match="a_module_that_is_not_installed"):
+        FP3OModule(env={"name": "needs_extra"})

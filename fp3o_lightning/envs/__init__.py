@@ -1,32 +1,82 @@
-"""Environments for FP3O: batched, multi-agent TorchRL environments selected by name with :func:`make_env`."""
+"""Environments for FP3O: batched, multi-agent TorchRL environments selected by name with :func:`make_env`.
+
+Every environment produces the same keys (batch size ``[num_envs]``): ``("agents", "observation")``
+``[num_envs, n_agents, obs]``, ``("agents", "action")``, ``"state"`` ``[num_envs, state]``, the team
+``"reward"`` ``[num_envs, 1]`` and ``"done"``/``"terminated"``/``"truncated"`` ``[num_envs, 1]``;
+discrete-action environments add ``("agents", "action_mask")`` and ``"won"``. Environments whose
+dependencies are optional are imported only when built, so a missing one names the extra to install.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from dataclasses import dataclass
 from typing import Any
 
 from torchrl.envs import EnvBase
 
-from fp3o_lightning.envs.mamujoco import MaMuJoCoEnv
-
-__all__ = ["ENV_REGISTRY", "MaMuJoCoEnv", "make_env", "task_name"]
-
-#: Environment classes by name (smacv2, smax and vmas will be added here).
-ENV_REGISTRY: dict[str, type[EnvBase]] = {"mamujoco": MaMuJoCoEnv}
+__all__ = ["ENV_REGISTRY", "EnvEntry", "env_class", "make_env", "task_name"]
 
 
-def make_env(name: str, **kwargs: Any) -> EnvBase:
-    """Build the env registered as ``name`` with ``kwargs``, e.g. ``make_env("mamujoco", scenario=...)``.
+@dataclass(frozen=True)
+class EnvEntry:
+    """Where an environment class lives and what it needs.
+
+    Attributes:
+        target: ``"module:Class"``, imported on first use.
+        requires: top-level modules it imports (checked before importing ``target``).
+        extra: the ``pip install 'fp3o-lightning[<extra>]'`` extra that installs them (``None``: core).
+        renders: whether the class takes ``render_mode`` (for ``fp3o render``).
+        note: what else it needs beyond pip (shown with the install command).
+    """
+
+    target: str
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
+    renders: bool = False
+    note: str = ""
+
+    def load(self, name: str) -> type[EnvBase]:
+        missing = [module for module in self.requires if importlib.util.find_spec(module) is None]
+        if missing:
+            extra = f"[{self.extra}]" if self.extra else ""
+            raise ModuleNotFoundError(
+                f"env {name!r} needs {', '.join(missing)}, which is not installed; install it with "
+                f"`pip install 'fp3o-lightning{extra}'` (from a checkout: `pip install -e '.{extra}'`). "
+                + self.note
+            )
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+#: Environments by name.
+ENV_REGISTRY: dict[str, EnvEntry] = {
+    "mamujoco": EnvEntry(
+        "fp3o_lightning.envs.mamujoco:MaMuJoCoEnv", ("gymnasium_robotics", "mujoco"), renders=True
+    ),
+}
+
+
+def env_class(name: str) -> type[EnvBase]:
+    """The environment class registered as ``name``, imported now.
 
     Raises:
         ValueError: if ``name`` is not registered; the message lists the valid names.
+        ModuleNotFoundError: if its optional dependencies are missing; the message says how to install them.
     """
     try:
-        env_cls = ENV_REGISTRY[name]
+        entry = ENV_REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"Unknown env name {name!r}; valid names: {', '.join(sorted(ENV_REGISTRY))}."
         ) from None
-    return env_cls(**kwargs)
+    return entry.load(name)
+
+
+def make_env(name: str, **kwargs: Any) -> EnvBase:
+    """Build the env registered as ``name`` with ``kwargs``, e.g. ``make_env("mamujoco", scenario=...)``."""
+    return env_class(name)(**kwargs)
 
 
 def task_name(env: dict[str, Any]) -> str:
@@ -34,3 +84,10 @@ def task_name(env: dict[str, Any]) -> str:
     if env.get("name") == "mamujoco":
         return " ".join(str(env[k]) for k in ("scenario", "agent_conf") if env.get(k) is not None)
     return str(env.get("map_name") or env.get("scenario") or env.get("name"))
+
+
+def __getattr__(name: str) -> Any:
+    """``from fp3o_lightning.envs import MaMuJoCoEnv`` keeps working, imported lazily."""
+    if name == "MaMuJoCoEnv":
+        return env_class("mamujoco")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
