@@ -21,6 +21,12 @@ KWARGS = {"scenario": "Hopper", "agent_conf": "3x1", "num_envs": 3, "max_episode
 STEPS, FAULTY, CRASH_CALL = 12, 1, 5  # sub-env 1 raises on its 5th step call: output step index 4
 
 
+#: What the crashes are injected into: Gymnasium's physics step (``data.ctrl``, ``mj_step``,
+#: ``mj_rnePostConstraint``), which both of MaMuJoCoEnv's step paths call, its vectorised one (Hopper's) and
+#: the one through Gymnasium's ``step`` (see test_step_fault_on_the_gymnasium_step_path).
+STEP = "_step_mujoco_simulation"
+
+
 class SimulatedCrash(RuntimeError):
     """Stands for a simulator crash."""
 
@@ -95,7 +101,7 @@ def test_step_fault_rebuilds_only_that_sub_env() -> None:
     env = MaMuJoCoEnv(**KWARGS, seed=7)
     actions = _random_actions(env, STEPS, seed=0)
     crashed_sim, crashed_penv = env._sims[FAULTY], env._penvs[FAULTY]
-    _crash(crashed_sim, "step", on_call=CRASH_CALL)
+    _crash(crashed_sim, STEP, on_call=CRASH_CALL)
     t_fault = CRASH_CALL - 1
     elapsed: list[list[int]] = []
 
@@ -143,16 +149,33 @@ def test_step_fault_rebuilds_only_that_sub_env() -> None:
 
     # A second faulty env with the same seed recovers identically.
     twin = MaMuJoCoEnv(**KWARGS, seed=7)
-    _crash(twin._sims[FAULTY], "step", on_call=CRASH_CALL)
+    _crash(twin._sims[FAULTY], STEP, on_call=CRASH_CALL)
     with pytest.warns(EnvFaultWarning):
         twin_data, _ = _run(twin, actions)
     assert (twin_data == data).all()
 
 
+@pytest.mark.parametrize("method", ["step", STEP])
+def test_step_fault_on_the_gymnasium_step_path(method: str) -> None:
+    """Reacher has no vectorised dynamics: it steps through Gymnasium's ``step``, and recovers too."""
+    kwargs = {"scenario": "Reacher", "agent_conf": "2x1", "num_envs": 2}
+    clean, env = MaMuJoCoEnv(**kwargs, seed=4), MaMuJoCoEnv(**kwargs, seed=4)
+    assert env._dynamics is None
+    actions = _random_actions(env, 6, seed=1)
+    _crash(env._sims[1], method, on_call=3)
+    with pytest.warns(EnvFaultWarning, match="sub-env 1 raised during step"):
+        data, _ = _run(env, actions)
+    clean_data, _ = _run(clean, actions)
+    expected = [[False] * 6, [False, False, True, False, False, False]]
+    assert data["next", "faulted"].squeeze(-1).tolist() == expected
+    assert data["next", "truncated"][1, 2].item() and data["next", "reward"][1, 2].item() == 0.0
+    _assert_others_equal(data, clean_data, skip=1)
+
+
 def test_rollout_continues_after_a_fault() -> None:
     clean = MaMuJoCoEnv(**KWARGS, seed=3)
     env = MaMuJoCoEnv(**KWARGS, seed=3)
-    _crash(env._sims[FAULTY], "step", on_call=CRASH_CALL)
+    _crash(env._sims[FAULTY], STEP, on_call=CRASH_CALL)
     torch.manual_seed(0)
     with pytest.warns(EnvFaultWarning, match=r"sub-env 1 .*simulated crash.*fault 1/10"):
         rollout = env.rollout(20, break_when_any_done=False)
@@ -198,12 +221,12 @@ def test_fault_limit_raises_with_a_helpful_message() -> None:
     td = env.reset()
     with pytest.warns(EnvFaultWarning) as record:
         for _ in range(2):
-            _crash(env._sims[FAULTY], "step", on_call=None)
+            _crash(env._sims[FAULTY], STEP, on_call=None)
             td = env.rand_step(td)
             assert td["next", "faulted"].squeeze(-1).tolist() == [False, True, False]
             td = env.reset(td.get("next").clone())
     assert [str(w.message).endswith(f"(fault {k}/2).") for k, w in enumerate(record, 1)] == [True, True]
-    _crash(env._sims[FAULTY], "step", on_call=None, message="third crash")
+    _crash(env._sims[FAULTY], STEP, on_call=None, message="third crash")
     with pytest.raises(RuntimeError, match=r"max_faults=2") as err:
         env.rand_step(td)
     message = str(err.value)
@@ -224,7 +247,7 @@ def test_a_rebuild_that_fails_again_counts_as_another_fault(monkeypatch) -> None
         return penvs
 
     monkeypatch.setattr(mamujoco_module, "_make_parallel_envs", broken_make)
-    _crash(env._sims[0], "step", on_call=1)
+    _crash(env._sims[0], STEP, on_call=1)
     with pytest.warns(EnvFaultWarning) as record, pytest.raises(RuntimeError, match="still broken"):
         env.rand_step(td)
     assert env.faults == 3 and len(record) == 3
@@ -235,7 +258,7 @@ def test_a_rebuild_that_fails_again_counts_as_another_fault(monkeypatch) -> None
 def test_max_faults_zero_reraises_the_original_error(method: str) -> None:
     env = MaMuJoCoEnv(**KWARGS, seed=0, max_faults=0)
     td = env.reset()
-    _crash(env._sims[FAULTY], method, on_call=1, message="original")
+    _crash(env._sims[FAULTY], STEP if method == "step" else method, on_call=1, message="original")
     with warnings.catch_warnings():
         warnings.simplefilter("error", EnvFaultWarning)
         with pytest.raises(SimulatedCrash, match="^original$") as err:
@@ -254,7 +277,7 @@ def test_check_env_specs_with_the_faulted_key() -> None:
     assert env.observation_spec["faulted"].shape == (3, 1)
     assert env.observation_spec["faulted"].dtype == torch.bool
     check_env_specs(env)
-    _crash(env._sims[FAULTY], "step", on_call=2)
+    _crash(env._sims[FAULTY], STEP, on_call=2)
     with pytest.warns(EnvFaultWarning):
         check_env_specs(env)  # a faulting env's outputs still match the specs
     assert env.faults == 1
@@ -266,7 +289,7 @@ def test_collector_keeps_collecting() -> None:
     from torchrl.collectors import Collector
 
     env = MaMuJoCoEnv(**{**KWARGS, "max_episode_steps": 30}, seed=0)
-    _crash(env._sims[FAULTY], "step", on_call=CRASH_CALL)
+    _crash(env._sims[FAULTY], STEP, on_call=CRASH_CALL)
     collector = Collector(env, policy=None, frames_per_batch=60, total_frames=120)
     with pytest.warns(EnvFaultWarning):
         batches = list(collector)
@@ -294,7 +317,7 @@ def _next(td: TensorDictBase) -> TensorDictBase:
 def test_fault_count_and_recovery_survive_state_dict() -> None:
     env = MaMuJoCoEnv(**KWARGS, seed=9)
     actions = _random_actions(env, 8, seed=4)
-    _crash(env._sims[FAULTY], "step", on_call=2)
+    _crash(env._sims[FAULTY], STEP, on_call=2)
     td = env.reset()
     td.set(("agents", "action"), actions[0])
     td = _next(env.step(td))
@@ -322,7 +345,7 @@ def test_fault_count_and_recovery_survive_state_dict() -> None:
     assert (outputs[0] == outputs[1]).all()
 
     # A resumed run keeps counting: its next fault is fault 2, seeded with k = 2.
-    _crash(other._sims[0], "step", on_call=1)
+    _crash(other._sims[0], STEP, on_call=1)
     with pytest.warns(EnvFaultWarning, match=r"fault 2/5"):
         out = other.rand_step(root)
     assert other.faults == 2

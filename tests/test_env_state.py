@@ -11,8 +11,9 @@ from tensordict import TensorDictBase
 from fp3o_lightning.envs import MaMuJoCoEnv
 
 #: HalfCheetah never terminates; Hopper terminates (random initial states on reset); Ant has contact
-#: forces in its observations and reads body positions before simulating.
-TASKS = [("HalfCheetah", "6x1"), ("Hopper", "3x1"), ("Ant", "2x4")]
+#: forces in its observations and reads body positions before simulating; Reacher steps through Gymnasium's
+#: ``step`` and computes its observations with gymnasium-robotics' code (not gathers).
+TASKS = [("HalfCheetah", "6x1"), ("Hopper", "3x1"), ("Ant", "2x4"), ("Reacher", "2x1")]
 MAX_STEPS = 30  # truncations (and resets) inside both windows
 BEFORE, AFTER = 37, 60
 

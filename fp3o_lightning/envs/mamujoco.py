@@ -21,6 +21,15 @@ env steps the *unwrapped* MuJoCo env instead and applies its own limit, so an ep
 once, after ``max_episode_steps`` steps, for every scenario. Termination (the unhealthy condition of
 Hopper, Walker2d, Ant, ...) comes from the simulator and is reported separately.
 
+Speed: outputs are bit-identical to gymnasium-robotics', but not computed by its per-agent Python code.
+At construction every agent's observation and the state are traced into gathers, with clipping where
+gymnasium-robotics clips, from the simulator's arrays (:func:`_trace_gathers`), so each step builds all of
+them with one ``take`` over all sub-envs; observations that are not gathers (Reacher's sines, ...) keep
+gymnasium-robotics' code. For HalfCheetah, Swimmer, Hopper, Walker2d and Ant (the many-segment variants
+included) a sub-env step is Gymnasium's physics step alone, and the reward and termination of all
+sub-envs are computed at once with Gymnasium's arithmetic (:class:`_Dynamics`); other tasks step through
+Gymnasium's ``step``.
+
 Faults: a sub-env whose ``step`` or ``reset`` raises an ``Exception`` (a simulator crash: a MuJoCo
 instability here, a StarCraft II crash in the SMAC envs) is rebuilt from scratch (a fresh ``parallel_env``,
 built as the constructor builds them) and reset, and the run goes on; ``max_faults`` (default 10) caps the
@@ -45,12 +54,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import dataclasses
+import functools
 import os
 import platform
 import re
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -229,6 +240,197 @@ def _make_parallel_envs(
         ]
 
 
+#: The ``mjData`` arrays an observation may be gathered from (see :func:`_trace_gathers`), in the order of
+#: the per-sub-env source row.
+_SOURCE_FIELDS = ("qpos", "qvel", "qfrc_actuator", "cinert", "cvel", "cfrc_ext", "xpos")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gather:
+    """One observation computed as ``clip(source[index], low, high)`` from the flat source row."""
+
+    index: np.ndarray  # int64, into the row of all :data:`_SOURCE_FIELDS` (see :func:`_source_layout`)
+    low: np.ndarray  # float64, -inf where the entry is not clipped from below
+    high: np.ndarray  # float64, +inf where the entry is not clipped from above
+
+
+def _source_layout(data: Any) -> dict[str, tuple[int, int]]:
+    """``{field: (start, stop)}`` of each of :data:`_SOURCE_FIELDS`, flattened, in one row."""
+    layout, start = {}, 0
+    for name in _SOURCE_FIELDS:
+        size = int(getattr(data, name).size)
+        layout[name] = (start, start + size)
+        start += size
+    return layout
+
+
+def _trace_gathers(sim: Any, fns: Sequence[Callable[[], Any]]) -> list[_Gather | None]:
+    """Find which observations are gathers, with optional clipping, of the simulator's arrays.
+
+    Each ``fns[j]()`` computes an observation from ``sim.data`` (gymnasium-robotics' ``_get_obs_agent``,
+    Gymnasium's ``_get_obs``). It is evaluated with ``sim.data`` swapped for probe ``MjData`` objects whose
+    :data:`_SOURCE_FIELDS` hold known values, in the layout of :func:`_source_layout`:
+
+    1. distinct values ``v`` in ``[2**-12, 2**-11)``, below any clipping bound: every output entry must be
+       one of them, which names its source entry;
+    2. ``v * 2**40``, then 3. ``-v * 2**40``: an entry that does not follow its source there is clipped,
+       and its value is the upper, then the lower, bound;
+    4. values of random sign and magnitude: every entry must equal ``clip(values[index], low, high)``.
+
+    An observation that fails a check (it computes something else: a sine, a difference of positions, ...,
+    or reads other arrays) gets ``None``: it is computed by calling its function at every step. The
+    probes cannot tell a clip from some other function agreeing with it on all four, but nothing that
+    gymnasium-robotics or Gymnasium computes does, and the tests compare the gathers with the functions.
+    """
+    import mujoco
+
+    model = sim.model
+    layout = _source_layout(sim.data)
+    size = max(stop for _, stop in layout.values())
+    rng = np.random.default_rng(0)
+    # Strictly increasing with irregular gaps: no sum, difference or product of two values is a value.
+    small = 2.0**-12 * (1.0 + (np.arange(size) + rng.uniform(0.1, 0.9, size)) / size)
+    check = rng.standard_normal(size) * 10.0 ** rng.uniform(-3.0, 3.0, size)
+    outputs: list[list[np.ndarray | None]] = []
+    saved = sim.data
+    try:
+        for values in (small, small * 2.0**40, -small * 2.0**40, check):
+            probe = mujoco.MjData(model)
+            for name, (start, stop) in layout.items():
+                field = getattr(probe, name)
+                field[...] = values[start:stop].reshape(field.shape)
+            sim.data = probe
+            row: list[np.ndarray | None] = []
+            for fn in fns:
+                try:
+                    row.append(np.asarray(fn(), dtype=np.float64).reshape(-1))
+                except Exception:  # reads something a probe lacks: not a gather
+                    row.append(None)
+            outputs.append(row)
+    finally:
+        sim.data = saved
+
+    lookup = {value: k for k, value in enumerate(small.tolist())}
+    gathers: list[_Gather | None] = []
+    for j in range(len(fns)):
+        base, up, down, random = (out[j] for out in outputs)
+        if any(o is None or o.shape != base.shape for o in (base, up, down, random)):
+            gathers.append(None)
+            continue
+        index = np.array([lookup.get(value, -1) for value in base.tolist()], dtype=np.int64)
+        if (index < 0).any():
+            gathers.append(None)
+            continue
+        v = small[index]
+        high = np.where(up == v * 2.0**40, np.inf, up)
+        low = np.where(down == -v * 2.0**40, -np.inf, down)
+        if not ((low <= v).all() and (v <= high).all()) or not np.array_equal(
+            np.clip(check[index], low, high), random
+        ):
+            gathers.append(None)
+            continue
+        gathers.append(_Gather(index, low, high))
+    return gathers
+
+
+class _Dynamics:
+    """Gymnasium's reward and termination of one v5 locomotion task, vectorised over sub-envs.
+
+    Stepping a sub-env is then Gymnasium's own ``_step_mujoco_simulation`` (``ctrl``, ``mj_step`` times
+    ``frame_skip``, ``mj_rnePostConstraint``), without the rest of its ``step`` (observation, info dict,
+    scalar reward terms). :meth:`__call__` repeats the ``step``'s float64 arithmetic operation for operation,
+    with the weights and ranges read from the Gymnasium env, so rewards and terminations are bit-identical
+    (the tests compare them with Gymnasium's). Tasks are recognised by their exact class
+    (:func:`_dynamics_for`); any other env keeps Gymnasium's ``step``.
+
+    Attributes:
+        kind: ``"forward"`` (HalfCheetah, Swimmer), ``"hopper"``, ``"walker"`` or ``"ant"``.
+        fields: the source fields it reads (:meth:`bind` gets views of them).
+        before_field, before_key: where the x position is read before the step (``data.qpos[0]``, or
+            Ant's ``data.xpos[main_body, 0]``).
+    """
+
+    def __init__(self, sim: Any, kind: str) -> None:
+        self.kind = kind
+        self.dt = float(sim.dt)
+        self.forward_weight = sim._forward_reward_weight
+        self.ctrl_cost_weight = sim._ctrl_cost_weight
+        if kind == "ant":
+            self.before_field, self.before_key = "xpos", (int(sim.data.body(sim._main_body).id), 0)
+            self.fields: tuple[str, ...] = ("qpos", "qvel", "cfrc_ext", "xpos")
+            self.contact_cost_weight = sim._contact_cost_weight
+            self.contact_force_range = sim._contact_force_range
+        else:
+            self.before_field, self.before_key = "qpos", 0
+            self.fields = ("qpos", "qvel") if kind == "hopper" else ("qpos",)
+        if kind != "forward":
+            self.healthy_reward = sim._healthy_reward
+            self.terminate_when_unhealthy = bool(sim._terminate_when_unhealthy)
+            self.healthy_z_range = sim._healthy_z_range
+        if kind == "hopper":
+            self.healthy_state_range = sim._healthy_state_range
+        if kind in ("hopper", "walker"):
+            self.healthy_angle_range = sim._healthy_angle_range
+
+    def bind(self, views: dict[str, np.ndarray]) -> None:
+        """Read the sources from ``views[field]``: ``[num_envs, field size]`` views of the source rows."""
+        self._views = views
+        key = self.before_key
+        if self.before_field == "qpos":
+            self._x_after = views["qpos"][:, key]
+        else:  # xpos, flattened: [num_envs, nbody * 3]
+            self._x_after = views["xpos"][:, 3 * key[0] + key[1]]
+
+    def __call__(self, before: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reward (float64) and terminated (bool) ``[num_envs]`` of the step that started at x ``before``."""
+        x_velocity = (self._x_after - before) / self.dt
+        ctrl_cost = self.ctrl_cost_weight * np.sum(np.square(action), axis=1)
+        if self.kind == "forward":
+            return self.forward_weight * x_velocity - ctrl_cost, np.zeros(len(before), dtype=bool)
+        qpos = self._views["qpos"]
+        if self.kind == "ant":
+            state = np.concatenate((qpos, self._views["qvel"]), axis=1)
+            min_z, max_z = self.healthy_z_range
+            healthy = np.isfinite(state).all(axis=1) & (min_z <= qpos[:, 2]) & (qpos[:, 2] <= max_z)
+            forward_reward = x_velocity * self.forward_weight
+        else:
+            min_z, max_z = self.healthy_z_range
+            min_angle, max_angle = self.healthy_angle_range
+            z, angle = qpos[:, 1], qpos[:, 2]
+            healthy = (min_z < z) & (z < max_z) & (min_angle < angle) & (angle < max_angle)
+            if self.kind == "hopper":
+                state = np.concatenate((qpos, self._views["qvel"]), axis=1)[:, 2:]
+                min_state, max_state = self.healthy_state_range
+                healthy &= np.logical_and(min_state < state, state < max_state).all(axis=1)
+            forward_reward = self.forward_weight * x_velocity
+        rewards = forward_reward + healthy * self.healthy_reward
+        if self.kind == "ant":
+            low, high = self.contact_force_range
+            contact_forces = np.clip(self._views["cfrc_ext"], low, high)
+            costs = ctrl_cost + self.contact_cost_weight * np.sum(np.square(contact_forces), axis=1)
+        else:
+            costs = ctrl_cost
+        terminated = ~healthy & self.terminate_when_unhealthy
+        return rewards - costs, terminated
+
+
+def _dynamics_for(sim: Any) -> _Dynamics | None:
+    """The vectorised :class:`_Dynamics` of ``sim``'s task, or ``None`` to keep Gymnasium's ``step``."""
+    from gymnasium.envs.mujoco import ant_v5, half_cheetah_v5, hopper_v5, swimmer_v5, walker2d_v5
+
+    kinds = {
+        half_cheetah_v5.HalfCheetahEnv: "forward",
+        swimmer_v5.SwimmerEnv: "forward",
+        hopper_v5.HopperEnv: "hopper",
+        walker2d_v5.Walker2dEnv: "walker",
+        ant_v5.AntEnv: "ant",
+    }
+    kind = kinds.get(type(sim))
+    if kind is None or sim.render_mode == "human" or not hasattr(sim, "_step_mujoco_simulation"):
+        return None
+    return _Dynamics(sim, kind)
+
+
 class EnvFaultWarning(RuntimeWarning):
     """Emitted when a sub-environment raised and was rebuilt (see :class:`MaMuJoCoEnv`'s ``max_faults``)."""
 
@@ -370,6 +572,7 @@ class MaMuJoCoEnv(EnvBase):
         self._base_seed: int | None = None
         self._agents_batch = torch.Size([n, a])
         self._to_device = self.device.type != "cpu"
+        self._build_gathers()
         if seed is not None:
             self.set_seed(seed)
 
@@ -397,6 +600,75 @@ class MaMuJoCoEnv(EnvBase):
             raise RuntimeError(f"Some global actions are unmapped in {self.scenario} {self.agent_conf}.")
         self._act_agent, self._act_slot = agent_idx, slot_idx
         self._act_low, self._act_high, self._act_valid = low, high, valid
+
+    def _build_gathers(self) -> None:
+        """Trace the observations into gathers from a per-sub-env source row, and pick the step path.
+
+        Each sub-env ``i`` has a float64 row ``self._src[i]``: the :data:`_SOURCE_FIELDS` the gathers and
+        the :class:`_Dynamics` read, copied from its ``MjData`` after every step and reset
+        (:meth:`_copy_sources`), then a constant 0 that padding entries gather. All gathered agents'
+        observations and the state are then one ``take`` (and one ``clip`` where some entry is clipped)
+        over all sub-envs (:meth:`_gather`). Agents whose observation is not a gather (see
+        :func:`_trace_gathers`) are computed by gymnasium-robotics' ``_get_obs_agent`` as before, and so is
+        the state by Gymnasium's ``_get_obs``. The plan depends on the model only, so it holds for sub-envs
+        rebuilt after a fault (new ``MjData`` objects are read at every copy).
+        """
+        penv, sim = self._penvs[0], self._sims[0]
+        fns: list[Callable[[], Any]] = [
+            functools.partial(penv._get_obs_agent, a) for a in range(self.n_agents)
+        ]
+        traced = _trace_gathers(sim, [*fns, sim._get_obs])
+        agent_gathers, state_gather = traced[:-1], traced[-1]
+        self._dynamics = _dynamics_for(sim)
+        self._gathered_agents = [a for a, g in enumerate(agent_gathers) if g is not None]
+        self._fallback_agents = [a for a, g in enumerate(agent_gathers) if g is None]
+        self._state_gathered = state_gather is not None
+
+        # The source row holds only the fields something reads, in _SOURCE_FIELDS order.
+        full_layout = _source_layout(sim.data)
+        used = set() if self._dynamics is None else set(self._dynamics.fields)
+        parts = [g for g in traced if g is not None]
+        for g in parts:
+            for name, (start, stop) in full_layout.items():
+                if ((g.index >= start) & (g.index < stop)).any():
+                    used.add(name)
+        remap = np.full(max(stop for _, stop in full_layout.values()), -1, dtype=np.int64)
+        self._src_fields: list[tuple[str, int, int]] = []
+        width = 0
+        for name, (start, stop) in full_layout.items():
+            if name in used:
+                remap[start:stop] = np.arange(width, width + stop - start)
+                self._src_fields.append((name, width, width + stop - start))
+                width += stop - start
+        zero = width  # the constant-0 column
+        self._src = np.zeros((self.num_envs, width + 1), dtype=np.float64)
+
+        # One index (and clip bounds) over [gathered agents x max_obs_dim | state].
+        g_count, obs_dim = len(self._gathered_agents), self.max_obs_dim
+        index = np.full(g_count * obs_dim + (self.state_size if self._state_gathered else 0), zero, np.int64)
+        low, high = np.full(index.shape, -np.inf), np.full(index.shape, np.inf)
+        spans = [(j * obs_dim, agent_gathers[a]) for j, a in enumerate(self._gathered_agents)]
+        if state_gather is not None:
+            spans.append((g_count * obs_dim, state_gather))
+        for offset, g in spans:
+            end = offset + len(g.index)
+            index[offset:end], low[offset:end], high[offset:end] = remap[g.index], g.low, g.high
+        self._gather_index = index
+        self._gather_obs_end = g_count * obs_dim
+        clipped = np.isfinite(low).any() or np.isfinite(high).any()
+        self._gather_bounds = (low, high) if clipped else None
+        self._all_gathered = not self._fallback_agents
+
+        # Per-sub-env views of the source row, shaped like the MjData fields, for the copies.
+        shapes = {name: getattr(sim.data, name).shape for name, _, _ in self._src_fields}
+        self._src_views = [
+            [(name, self._src[i, start:stop].reshape(shapes[name])) for name, start, stop in self._src_fields]
+            for i in range(self.num_envs)
+        ]
+        self._before = np.zeros(self.num_envs, dtype=np.float64)
+        self._stepped = np.zeros(self.num_envs, dtype=bool)
+        if self._dynamics is not None:
+            self._dynamics.bind({name: self._src[:, start:stop] for name, start, stop in self._src_fields})
 
     def _make_specs(self) -> None:
         n, a = self.num_envs, self.n_agents
@@ -431,12 +703,46 @@ class MaMuJoCoEnv(EnvBase):
         )
 
     # ------------------------------------------------------------------ core
-    def _write_obs(self, i: int, state: np.ndarray) -> None:
-        """Write sub-env ``i``'s per-agent observations and state into the buffers."""
-        penv, obs = self._penvs[i], self._obs[i]
-        for a, d in enumerate(self.observation_sizes):
-            obs[a, :d] = penv._get_obs_agent(a)
-        self._state[i] = state
+    def _copy_sources(self, i: int) -> None:
+        """Copy sub-env ``i``'s simulator arrays into its source row."""
+        data = self._sims[i].data
+        for name, view in self._src_views[i]:
+            view[...] = getattr(data, name)
+
+    def _read(self, i: int, state: np.ndarray | None) -> None:
+        """Take in sub-env ``i`` after a step or reset: its source row and the observations not gathered.
+
+        ``state`` is Gymnasium's observation when its ``step``/``reset`` ran (``None`` otherwise); the
+        gathered observations are written by :meth:`_gather`.
+        """
+        self._copy_sources(i)
+        if self._fallback_agents:
+            penv, obs = self._penvs[i], self._obs[i]
+            for a in self._fallback_agents:
+                obs[a, : self.observation_sizes[a]] = penv._get_obs_agent(a)
+        if not self._state_gathered:
+            self._state[i] = self._sims[i]._get_obs() if state is None else state
+
+    def _gather(self, rows: Sequence[int] | None = None) -> None:
+        """Write the gathered observations and state of sub-envs ``rows`` (all if ``None``) from the rows."""
+        src = self._src if rows is None else self._src[rows]
+        values = src.take(self._gather_index, axis=1)
+        if self._gather_bounds is not None:
+            np.clip(values, *self._gather_bounds, out=values)
+        end = self._gather_obs_end
+        obs = values[:, :end].reshape(len(src), len(self._gathered_agents), self.max_obs_dim)
+        if rows is None:
+            if self._all_gathered:
+                self._obs[...] = obs
+            else:
+                self._obs[:, self._gathered_agents] = obs
+            if self._state_gathered:
+                self._state[...] = values[:, end:]
+            return
+        for j, i in enumerate(rows):
+            self._obs[i, self._gathered_agents] = obs[j]
+            if self._state_gathered:
+                self._state[i] = values[j, end:]
 
     def _output(self, reward: bool) -> TensorDictBase:
         """Pack copies of the buffers into the output TensorDict (one ``from_numpy`` per key).
@@ -472,21 +778,35 @@ class MaMuJoCoEnv(EnvBase):
         global_action = action[:, self._act_agent, self._act_slot].astype(np.float64)
         self._faulted.fill(False)
         self._fresh.fill(False)
+        dynamics = self._dynamics
         for i, sim in enumerate(self._sims):
             try:
-                state, reward, terminated, truncated, _ = sim.step(global_action[i])
-                self._write_obs(i, state)
+                if dynamics is None:
+                    state, reward, terminated, truncated, _ = sim.step(global_action[i])
+                else:  # Gymnasium's physics; reward and termination below, for all sub-envs at once
+                    self._before[i] = getattr(sim.data, dynamics.before_field)[dynamics.before_key]
+                    sim._step_mujoco_simulation(global_action[i], sim.frame_skip)
+                    state, truncated = None, False
+                self._read(i, state)
             except Exception as err:
                 self._recover(i, err, "step")
+                self._stepped[i] = False
                 self._fresh[i] = True
                 self._reward[i, 0] = 0.0
                 self._terminated[i, 0] = False
                 self._truncated[i, 0] = True
                 continue
+            self._stepped[i] = True
             self._elapsed[i] += 1
-            self._reward[i, 0] = reward
-            self._terminated[i, 0] = terminated
+            if dynamics is None:
+                self._reward[i, 0] = reward
+                self._terminated[i, 0] = terminated
             self._truncated[i, 0] = truncated or self._elapsed[i] >= self.max_episode_steps
+        if dynamics is not None:
+            reward, terminated = dynamics(self._before, global_action)
+            np.copyto(self._reward[:, 0], reward, where=self._stepped)
+            np.copyto(self._terminated[:, 0], terminated, where=self._stepped)
+        self._gather()
         return self._output(reward=True)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
@@ -502,12 +822,16 @@ class MaMuJoCoEnv(EnvBase):
             if not (self._fresh[i] and seed is None):
                 try:
                     state, _ = self._sims[i].reset(seed=seed)
-                    self._write_obs(i, state)
+                    self._read(i, state)
                 except Exception as err:
                     self._recover(i, err, "reset")
             self._fresh[i] = False
             self._elapsed[i] = 0
             self._terminated[i, 0] = self._truncated[i, 0] = False
+        if len(indices) == self.num_envs:
+            self._gather()
+        elif len(indices):
+            self._gather(list(indices))
         return self._output(reward=False)
 
     def _set_seed(self, seed: int | None) -> None:
@@ -578,7 +902,7 @@ class MaMuJoCoEnv(EnvBase):
             try:
                 self._rebuild(index)
                 state, _ = self._sims[index].reset(seed=self.fault_seed(index, self._faults))
-                self._write_obs(index, state)
+                self._read(index, state)  # the caller gathers
             except Exception as again:
                 err, during = again, "its rebuild after a fault"
                 continue
@@ -759,6 +1083,7 @@ class MaMuJoCoEnv(EnvBase):
                 getattr(sim.data, key)[...] = value[i]
             sim.np_random = generators[i]
             sim._np_random_seed = state["np_random_seed"][i]
+            self._copy_sources(i)
         buffers = state["buffers"]
         self._elapsed[:] = state["elapsed"].numpy()
         self._obs[:] = buffers["observation"].numpy()
