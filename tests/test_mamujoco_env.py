@@ -285,3 +285,15 @@ def test_make_env() -> None:
     assert isinstance(env, MaMuJoCoEnv) and env.batch_size == (2,)
     with pytest.raises(ValueError, match="mamujoco"):
         make_env("smacv3", scenario="Hopper")
+
+
+def test_skipping_torchrl_step_processing_changes_nothing() -> None:
+    """``_step_proc_data`` is skipped (outputs are complete); with ``run_type_checks`` TorchRL's runs."""
+    fast = MaMuJoCoEnv("Hopper", "3x1", num_envs=2, max_episode_steps=15, seed=1)
+    checked = MaMuJoCoEnv("Hopper", "3x1", num_envs=2, max_episode_steps=15, seed=1)
+    checked.run_type_checks = True
+    actions = _random_actions(fast, 40, seed=3)
+    out_fast, out_checked = _rollout(fast, actions), _rollout(checked, actions)
+    assert set(out_fast.keys(True, True)) == set(out_checked.keys(True, True))
+    assert (out_fast == out_checked).all()
+    assert out_fast["next", "done"].any()

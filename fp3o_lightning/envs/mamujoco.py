@@ -600,6 +600,7 @@ class MaMuJoCoEnv(EnvBase):
             raise RuntimeError(f"Some global actions are unmapped in {self.scenario} {self.agent_conf}.")
         self._act_agent, self._act_slot = agent_idx, slot_idx
         self._act_low, self._act_high, self._act_valid = low, high, valid
+        self._global_low, self._global_high = low[agent_idx, slot_idx], high[agent_idx, slot_idx]
 
     def _build_gathers(self) -> None:
         """Trace the observations into gathers from a per-sub-env source row, and pick the step path.
@@ -666,7 +667,6 @@ class MaMuJoCoEnv(EnvBase):
             for i in range(self.num_envs)
         ]
         self._before = np.zeros(self.num_envs, dtype=np.float64)
-        self._stepped = np.zeros(self.num_envs, dtype=bool)
         if self._dynamics is not None:
             self._dynamics.bind({name: self._src[:, start:stop] for name, start, stop in self._src_fields})
 
@@ -773,41 +773,80 @@ class MaMuJoCoEnv(EnvBase):
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = tensordict.get(("agents", "action")).detach()
         action = action.cpu().numpy() if action.device.type != "cpu" else action.numpy()
-        action = np.clip(action, self._act_low, self._act_high, dtype=np.float32)
-        # float32 agent actions -> float64 global actions, as gymnasium-robotics does.
-        global_action = action[:, self._act_agent, self._act_slot].astype(np.float64)
+        # Clipped float32 agent actions -> float64 global actions, as gymnasium-robotics does (clipping
+        # after the gather, and in float64, gives the same values: the bounds are float32 numbers).
+        global_action = np.clip(
+            action[:, self._act_agent, self._act_slot], self._global_low, self._global_high, dtype=np.float64
+        )
         self._faulted.fill(False)
         self._fresh.fill(False)
-        dynamics = self._dynamics
+        if self._dynamics is None:
+            self._step_gymnasium(global_action)
+        else:
+            self._step_vectorised(global_action)
+        self._gather()
+        return self._output(reward=True)
+
+    def _step_gymnasium(self, global_action: np.ndarray) -> None:
+        """Step every sub-env through Gymnasium's ``step`` (tasks without :class:`_Dynamics`)."""
         for i, sim in enumerate(self._sims):
             try:
-                if dynamics is None:
-                    state, reward, terminated, truncated, _ = sim.step(global_action[i])
-                else:  # Gymnasium's physics; reward and termination below, for all sub-envs at once
-                    self._before[i] = getattr(sim.data, dynamics.before_field)[dynamics.before_key]
-                    sim._step_mujoco_simulation(global_action[i], sim.frame_skip)
-                    state, truncated = None, False
+                state, reward, terminated, truncated, _ = sim.step(global_action[i])
                 self._read(i, state)
             except Exception as err:
                 self._recover(i, err, "step")
-                self._stepped[i] = False
-                self._fresh[i] = True
-                self._reward[i, 0] = 0.0
-                self._terminated[i, 0] = False
-                self._truncated[i, 0] = True
+                self._cut_short(i)
                 continue
-            self._stepped[i] = True
             self._elapsed[i] += 1
-            if dynamics is None:
-                self._reward[i, 0] = reward
-                self._terminated[i, 0] = terminated
+            self._reward[i, 0] = reward
+            self._terminated[i, 0] = terminated
             self._truncated[i, 0] = truncated or self._elapsed[i] >= self.max_episode_steps
-        if dynamics is not None:
-            reward, terminated = dynamics(self._before, global_action)
-            np.copyto(self._reward[:, 0], reward, where=self._stepped)
-            np.copyto(self._terminated[:, 0], terminated, where=self._stepped)
-        self._gather()
-        return self._output(reward=True)
+
+    def _step_vectorised(self, global_action: np.ndarray) -> None:
+        """Step every sub-env's physics, then compute all rewards and terminations at once."""
+        dynamics, before, views = self._dynamics, self._before, self._src_views
+        field, key = dynamics.before_field, dynamics.before_key
+        copy_only = self._all_gathered and self._state_gathered
+        faulted = []
+        for i, sim in enumerate(self._sims):
+            try:
+                data = sim.data
+                before[i] = getattr(data, field)[key]
+                sim._step_mujoco_simulation(global_action[i], sim.frame_skip)  # what Gymnasium's step runs
+                if copy_only:  # self._read, inlined
+                    for name, view in views[i]:
+                        view[...] = getattr(data, name)
+                else:
+                    self._read(i, None)
+            except Exception as err:
+                self._recover(i, err, "step")
+                faulted.append(i)
+        reward, terminated = dynamics(before, global_action)
+        self._reward[:, 0] = reward
+        self._terminated[:, 0] = terminated
+        self._elapsed += 1
+        np.greater_equal(self._elapsed, self.max_episode_steps, out=self._truncated[:, 0])
+        for i in faulted:
+            self._cut_short(i)
+
+    def _cut_short(self, i: int) -> None:
+        """Mark sub-env ``i``'s step as a fault's: reward 0, truncated, and its rebuilt reset kept."""
+        self._fresh[i] = True
+        self._elapsed[i] = 0
+        self._reward[i, 0] = 0.0
+        self._terminated[i, 0] = False
+        self._truncated[i, 0] = True
+
+    def _step_proc_data(self, next_tensordict_out: TensorDictBase) -> TensorDictBase:
+        """Skip TorchRL's post-step completion unless ``run_type_checks`` is set.
+
+        :meth:`_step` already returns every reward and done key with the spec shapes and dtypes, so
+        ``EnvBase._step_proc_data`` (reshaping rewards, filling missing done keys) would change nothing, at a
+        cost comparable to a tenth of the simulation step of HalfCheetah.
+        """
+        if self.run_type_checks:
+            return super()._step_proc_data(next_tensordict_out)
+        return next_tensordict_out
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
         reset = None if tensordict is None else tensordict.get("_reset", None)
