@@ -375,6 +375,7 @@ class _Dynamics:
     def bind(self, views: dict[str, np.ndarray]) -> None:
         """Read the sources from ``views[field]``: ``[num_envs, field size]`` views of the source rows."""
         self._views = views
+        self._never = np.zeros(len(views["qpos"]), dtype=bool)  # read-only use: copied by the caller
         key = self.before_key
         if self.before_field == "qpos":
             self._x_after = views["qpos"][:, key]
@@ -384,9 +385,10 @@ class _Dynamics:
     def __call__(self, before: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reward (float64) and terminated (bool) ``[num_envs]`` of the step that started at x ``before``."""
         x_velocity = (self._x_after - before) / self.dt
-        ctrl_cost = self.ctrl_cost_weight * np.sum(np.square(action), axis=1)
+        # np.add.reduce is what np.sum runs (the same pairwise summation of each row), minus its wrapper.
+        ctrl_cost = self.ctrl_cost_weight * np.add.reduce(np.square(action), axis=1)
         if self.kind == "forward":
-            return self.forward_weight * x_velocity - ctrl_cost, np.zeros(len(before), dtype=bool)
+            return self.forward_weight * x_velocity - ctrl_cost, self._never
         qpos = self._views["qpos"]
         if self.kind == "ant":
             state = np.concatenate((qpos, self._views["qvel"]), axis=1)
@@ -407,7 +409,7 @@ class _Dynamics:
         if self.kind == "ant":
             low, high = self.contact_force_range
             contact_forces = np.clip(self._views["cfrc_ext"], low, high)
-            costs = ctrl_cost + self.contact_cost_weight * np.sum(np.square(contact_forces), axis=1)
+            costs = ctrl_cost + self.contact_cost_weight * np.add.reduce(np.square(contact_forces), axis=1)
         else:
             costs = ctrl_cost
         terminated = ~healthy & self.terminate_when_unhealthy
@@ -600,7 +602,10 @@ class MaMuJoCoEnv(EnvBase):
             raise RuntimeError(f"Some global actions are unmapped in {self.scenario} {self.agent_conf}.")
         self._act_agent, self._act_slot = agent_idx, slot_idx
         self._act_low, self._act_high, self._act_valid = low, high, valid
-        self._global_low, self._global_high = low[agent_idx, slot_idx], high[agent_idx, slot_idx]
+        # The same per global action: its index in a flattened [n_agents * max_action_dim] action, its bounds.
+        self._act_flat = agent_idx * self.max_action_dim + slot_idx
+        self._global_low = low[agent_idx, slot_idx].astype(np.float64)
+        self._global_high = high[agent_idx, slot_idx].astype(np.float64)
 
     def _build_gathers(self) -> None:
         """Trace the observations into gathers from a per-sub-env source row, and pick the step path.
@@ -660,12 +665,11 @@ class MaMuJoCoEnv(EnvBase):
         self._gather_bounds = (low, high) if clipped else None
         self._all_gathered = not self._fallback_agents
 
-        # Per-sub-env views of the source row, shaped like the MjData fields, for the copies.
-        shapes = {name: getattr(sim.data, name).shape for name, _, _ in self._src_fields}
-        self._src_views = [
-            [(name, self._src[i, start:stop].reshape(shapes[name])) for name, start, stop in self._src_fields]
-            for i in range(self.num_envs)
-        ]
+        # Per sub-env: views of its source row shaped like the MjData fields (see _bind).
+        self._src_shapes = {name: getattr(sim.data, name).shape for name, _, _ in self._src_fields}
+        self._bound: list[Any] = [None] * self.num_envs
+        self._copies: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(self.num_envs)]
+        self._x_views: list[np.ndarray | None] = [None] * self.num_envs
         self._before = np.zeros(self.num_envs, dtype=np.float64)
         if self._dynamics is not None:
             self._dynamics.bind({name: self._src[:, start:stop] for name, start, stop in self._src_fields})
@@ -703,11 +707,24 @@ class MaMuJoCoEnv(EnvBase):
         )
 
     # ------------------------------------------------------------------ core
+    def _bind(self, i: int) -> None:
+        """Pair sub-env ``i``'s ``MjData`` arrays with its source row (``MjData`` arrays never move, but
+        each attribute access builds a new numpy view, which costs as much as the copy)."""
+        data = self._sims[i].data
+        self._copies[i] = [
+            (self._src[i, start:stop].reshape(self._src_shapes[name]), getattr(data, name))
+            for name, start, stop in self._src_fields
+        ]
+        if self._dynamics is not None:
+            self._x_views[i] = getattr(data, self._dynamics.before_field)
+        self._bound[i] = data
+
     def _copy_sources(self, i: int) -> None:
         """Copy sub-env ``i``'s simulator arrays into its source row."""
-        data = self._sims[i].data
-        for name, view in self._src_views[i]:
-            view[...] = getattr(data, name)
+        if self._sims[i].data is not self._bound[i]:
+            self._bind(i)
+        for row, array in self._copies[i]:
+            row[...] = array
 
     def _read(self, i: int, state: np.ndarray | None) -> None:
         """Take in sub-env ``i`` after a step or reset: its source row and the observations not gathered.
@@ -750,13 +767,11 @@ class MaMuJoCoEnv(EnvBase):
         The tensors are built here with the spec shapes and dtypes, so the unchecked (and much cheaper)
         ``TensorDict._new_unsafe`` constructor is used.
         """
-        terminated = torch.from_numpy(self._terminated.copy())
-        truncated = torch.from_numpy(self._truncated.copy())
         data = {
             "state": torch.from_numpy(self._state.copy()),
-            "done": terminated | truncated,
-            "terminated": terminated,
-            "truncated": truncated,
+            "done": torch.from_numpy(np.logical_or(self._terminated, self._truncated)),
+            "terminated": torch.from_numpy(self._terminated.copy()),
+            "truncated": torch.from_numpy(self._truncated.copy()),
             "faulted": torch.from_numpy(self._faulted.copy()),
         }
         if reward:
@@ -771,13 +786,14 @@ class MaMuJoCoEnv(EnvBase):
         return TensorDict._new_unsafe(data, batch_size=self.batch_size, device=self.device)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict.get(("agents", "action")).detach()
+        action = tensordict.get(("agents", "action"))
+        if action.requires_grad:
+            action = action.detach()
         action = action.cpu().numpy() if action.device.type != "cpu" else action.numpy()
         # Clipped float32 agent actions -> float64 global actions, as gymnasium-robotics does (clipping
         # after the gather, and in float64, gives the same values: the bounds are float32 numbers).
-        global_action = np.clip(
-            action[:, self._act_agent, self._act_slot], self._global_low, self._global_high, dtype=np.float64
-        )
+        global_action = action.reshape(self.num_envs, -1).take(self._act_flat, axis=1).astype(np.float64)
+        np.clip(global_action, self._global_low, self._global_high, out=global_action)
         self._faulted.fill(False)
         self._fresh.fill(False)
         if self._dynamics is None:
@@ -804,18 +820,19 @@ class MaMuJoCoEnv(EnvBase):
 
     def _step_vectorised(self, global_action: np.ndarray) -> None:
         """Step every sub-env's physics, then compute all rewards and terminations at once."""
-        dynamics, before, views = self._dynamics, self._before, self._src_views
-        field, key = dynamics.before_field, dynamics.before_key
+        dynamics, before, bound = self._dynamics, self._before, self._bound
+        key = dynamics.before_key
         copy_only = self._all_gathered and self._state_gathered
         faulted = []
         for i, sim in enumerate(self._sims):
             try:
-                data = sim.data
-                before[i] = getattr(data, field)[key]
+                if sim.data is not bound[i]:
+                    self._bind(i)
+                before[i] = self._x_views[i][key]
                 sim._step_mujoco_simulation(global_action[i], sim.frame_skip)  # what Gymnasium's step runs
                 if copy_only:  # self._read, inlined
-                    for name, view in views[i]:
-                        view[...] = getattr(data, name)
+                    for row, array in self._copies[i]:
+                        row[...] = array
                 else:
                     self._read(i, None)
             except Exception as err:
