@@ -1,8 +1,9 @@
 """Env-only throughput of :class:`~fp3o_lightning.envs.MaMuJoCoEnv` vs. a plain gymnasium-robotics loop.
 
-One frame is one step of one sub-environment (agent-steps are not counted). Every variant steps with fixed
-random in-bound actions, resets finished episodes and produces the same data (per-agent observations,
-global state, team reward, terminated/truncated):
+One frame is one step of one sub-environment (agent-steps are not counted). Every variant steps with the same
+fixed random in-bound actions from the same seeds (so the same trajectories: MuJoCo's cost depends on the
+contacts), resets finished episodes and produces the same data (per-agent observations, global state, team
+reward, terminated/truncated):
 
 * ``MaMuJoCoEnv``: ``num_envs`` sub-envs in this process, through ``step_and_maybe_reset``;
 * ``plain parallel_env loop``: a Python loop over ``num_envs`` gymnasium-robotics ``parallel_env`` instances
@@ -11,7 +12,8 @@ global state, team reward, terminated/truncated):
   ``num_envs / workers`` sub-envs (the same total), to use several cores.
 
 The variants are built once and timed in turns, ``--repeats`` times (so a change of machine load hits them
-alike); the table gives the best and the median run::
+alike); the table gives the best and the median run by wall clock, and, for the in-process variants, the
+frames per second of this process's CPU time, which other processes on a shared machine disturb less::
 
     python benchmarks/env_throughput.py --scenario HalfCheetah --agent-conf 6x1 --num-envs 4 --steps 4000
 """
@@ -33,24 +35,42 @@ from torchrl.envs import EnvBase
 class _Variant:
     """One way of stepping ``num_envs`` sub-envs: ``iteration()`` steps each once."""
 
-    def __init__(self, name: str, frames: int, iteration: Callable[[], None], close: Callable[[], None]):
+    def __init__(
+        self,
+        name: str,
+        frames: int,
+        iteration: Callable[[], None],
+        close: Callable[[], None],
+        in_process: bool = True,
+    ):
         self.name, self.frames, self.iteration, self.close = name, frames, iteration, close
-        self.fps: list[float] = []
+        self.in_process = in_process  # False: the work runs in other processes (CPU time meaningless)
+        self.fps: list[float] = []  # wall clock
+        self.cpu_fps: list[float] = []  # CPU time of this process
 
     def run(self, steps: int, warmup: int = 20) -> None:
         iters = max(1, steps // self.frames)
         for _ in range(min(warmup, iters)):
             self.iteration()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(iters):
             self.iteration()
-        self.fps.append(iters * self.frames / (time.perf_counter() - start))
+        frames = iters * self.frames
+        self.fps.append(frames / (time.perf_counter() - start))
+        self.cpu_fps.append(frames / max(time.process_time() - cpu_start, 1e-9))
 
 
-def torchrl_variant(name: str, env: EnvBase, seed: int) -> _Variant:
-    """``env.step_and_maybe_reset`` with a prebuilt random action tensor."""
-    torch.manual_seed(seed)
-    action = env.full_action_spec[("agents", "action")].rand()
+def random_actions(env: EnvBase, seed: int) -> np.ndarray:
+    """Fixed in-bound float32 actions ``[num_envs, n_agents, max_action_dim]`` of a ``MaMuJoCoEnv``."""
+    space = env.full_action_spec[("agents", "action")].space
+    low, high = space.low.numpy(), space.high.numpy()
+    rng = np.random.default_rng(seed)
+    return (low + (high - low) * rng.uniform(size=low.shape)).astype(np.float32)
+
+
+def torchrl_variant(name: str, env: EnvBase, actions: np.ndarray, in_workers: bool = False) -> _Variant:
+    """``env.step_and_maybe_reset`` with the fixed ``actions`` (reshaped to the env's batch)."""
+    action = torch.from_numpy(actions).reshape(env.full_action_spec[("agents", "action")].shape)
     state = {"td": env.reset()}
 
     def iteration() -> None:
@@ -58,23 +78,25 @@ def torchrl_variant(name: str, env: EnvBase, seed: int) -> _Variant:
         td.set(("agents", "action"), action)
         _, state["td"] = env.step_and_maybe_reset(td)
 
-    return _Variant(name, env.batch_size.numel(), iteration, env.close)
+    return _Variant(name, env.batch_size.numel(), iteration, env.close, in_process=not in_workers)
 
 
 def plain_variant(
-    scenario: str, agent_conf: str | None, num_envs: int, seed: int, max_episode_steps: int
+    scenario: str,
+    agent_conf: str | None,
+    actions: np.ndarray,
+    action_sizes: list[int],
+    seed: int,
+    max_episode_steps: int,
 ) -> _Variant:
-    """A Python loop over ``num_envs`` gymnasium-robotics ``parallel_env`` instances."""
+    """A Python loop over ``len(actions)`` gymnasium-robotics ``parallel_env`` instances."""
     from gymnasium_robotics import mamujoco_v1
 
+    num_envs = len(actions)
     envs = [mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=1) for _ in range(num_envs)]
-    rng = np.random.default_rng(seed)
-    actions = [
-        {
-            a: rng.uniform(e.action_space(a).low, e.action_space(a).high).astype(np.float32)
-            for a in e.possible_agents
-        }
-        for e in envs
+    agent_actions = [
+        {agent: actions[i, a, : action_sizes[a]] for a, agent in enumerate(e.possible_agents)}
+        for i, e in enumerate(envs)
     ]
     elapsed_steps = [0] * num_envs
     for i, e in enumerate(envs):
@@ -82,7 +104,7 @@ def plain_variant(
 
     def iteration() -> None:
         for i, e in enumerate(envs):
-            _obs, _rew, term, trunc, _info = e.step(actions[i])
+            _obs, _rew, term, trunc, _info = e.step(agent_actions[i])
             _state = e.state()
             elapsed_steps[i] += 1
             agent = e.possible_agents[0]
@@ -98,21 +120,21 @@ def plain_variant(
 
 
 def parallel_variant(
-    scenario: str, agent_conf: str | None, num_envs: int, workers: int, seed: int
+    scenario: str, agent_conf: str | None, actions: np.ndarray, workers: int, seed: int
 ) -> _Variant:
-    """TorchRL ``ParallelEnv`` of ``workers`` processes with ``num_envs // workers`` sub-envs each."""
+    """TorchRL ``ParallelEnv`` of ``workers`` processes with ``len(actions) // workers`` sub-envs each."""
     from torchrl.envs import ParallelEnv
 
     from fp3o_lightning.envs import MaMuJoCoEnv
 
-    per_worker = num_envs // workers
+    per_worker = len(actions) // workers
     env = ParallelEnv(
         workers,
         functools.partial(MaMuJoCoEnv, scenario, agent_conf, num_envs=per_worker),
-        create_env_kwargs=[{"seed": seed + w * per_worker} for w in range(workers)],
+        create_env_kwargs=[{"seed": seed + w * per_worker} for w in range(workers)],  # as in-process
         num_sub_threads=1,
     )
-    return torchrl_variant(f"ParallelEnv {workers} workers x {per_worker}", env, seed)
+    return torchrl_variant(f"ParallelEnv {workers} workers x {per_worker}", env, actions, in_workers=True)
 
 
 def main() -> None:
@@ -129,15 +151,16 @@ def main() -> None:
     torch.set_num_threads(1)
     from fp3o_lightning.envs import MaMuJoCoEnv
 
+    if args.workers > 0 and args.num_envs % args.workers:
+        parser.error(f"--num-envs {args.num_envs} is not a multiple of --workers {args.workers}")
     env = MaMuJoCoEnv(args.scenario, agent_conf, num_envs=args.num_envs, seed=args.seed)
+    actions = random_actions(env, args.seed)
     variants = [
-        torchrl_variant("MaMuJoCoEnv.step_and_maybe_reset", env, args.seed),
-        plain_variant(args.scenario, agent_conf, args.num_envs, args.seed, 1000),
+        torchrl_variant("MaMuJoCoEnv.step_and_maybe_reset", env, actions),
+        plain_variant(args.scenario, agent_conf, actions, env.action_sizes, args.seed, env.max_episode_steps),
     ]
     if args.workers > 0:
-        if args.num_envs % args.workers:
-            parser.error(f"--num-envs {args.num_envs} is not a multiple of --workers {args.workers}")
-        variants.append(parallel_variant(args.scenario, agent_conf, args.num_envs, args.workers, args.seed))
+        variants.append(parallel_variant(args.scenario, agent_conf, actions, args.workers, args.seed))
 
     load_before = os.getloadavg()
     try:
@@ -154,16 +177,20 @@ def main() -> None:
         f"{args.repeats} runs per variant (1 frame = 1 sub-env step); {os.cpu_count()} CPUs, "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
-    print(f"{'variant':<36} {'best f/s':>10} {'median f/s':>11} {'us/frame':>10}")
-    print("-" * 70)
+    print("frames/s by wall clock (best and median run), and by this process's CPU time (median run)")
+    print(f"{'variant':<38} {'best f/s':>9} {'median f/s':>11} {'us/frame':>9} {'CPU f/s':>9}")
+    print("-" * 80)
     for v in variants:
         best, median = max(v.fps), statistics.median(v.fps)
-        print(f"{v.name:<36} {best:>10.0f} {median:>11.0f} {1e6 / best:>10.1f}")
-    print("-" * 70)
+        cpu = f"{statistics.median(v.cpu_fps):>9.0f}" if v.in_process else f"{'-':>9}"
+        print(f"{v.name:<38} {best:>9.0f} {median:>11.0f} {1e6 / best:>9.1f} {cpu}")
+    print("-" * 80)
 
     def ratio(label: str, a: _Variant, b: _Variant) -> None:
         median = statistics.median(x / y for x, y in zip(a.fps, b.fps, strict=True))  # same turn
-        print(f"{label:<36} {max(a.fps) / max(b.fps):>10.2f} {median:>11.2f}")
+        cpu = statistics.median(a.cpu_fps) / statistics.median(b.cpu_fps)
+        cpu_text = f"{cpu:>9.2f}" if a.in_process and b.in_process else f"{'-':>9}"
+        print(f"{label:<38} {max(a.fps) / max(b.fps):>9.2f} {median:>11.2f} {'':>9} {cpu_text}")
 
     ratio("MaMuJoCoEnv / plain (target >= 1.5)", variants[0], variants[1])
     if len(variants) > 2:
