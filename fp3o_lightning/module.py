@@ -16,30 +16,41 @@ from lightning.pytorch.loggers import MLFlowLogger
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import Tensor
-from torch.distributions import kl_divergence
+from torch.distributions import Distribution, kl_divergence
 from torchrl.collectors import Collector
-from torchrl.envs import EnvBase, RewardSum, TransformedEnv
+from torchrl.data import Categorical, Unbounded
+from torchrl.envs import Compose, EnvBase, InitTracker, RewardSum, TensorDictPrimer, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from torchrl.modules import IndependentNormal, ProbabilisticActor
+from torchrl.modules import IndependentNormal, MaskedCategorical, ProbabilisticActor
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
 from fp3o_lightning import diagnostics
 from fp3o_lightning.callbacks import BestEvalCheckpoint, GracefulStop, IterationCheckpoint
-from fp3o_lightning.envs import make_env, task_name
-from fp3o_lightning.nets import SHARING, CentralCritic, GaussianPolicy, LocalCritic, ValueNormalizer
+from fp3o_lightning.envs import env_class, make_env, task_name
+from fp3o_lightning.nets import (
+    ACTOR_NETWORKS,
+    SHARING,
+    CentralCritic,
+    LocalCritic,
+    MultiAgentPolicy,
+    ValueNormalizer,
+)
 from fp3o_lightning.objectives import (
     clipped_surrogate,
     explained_variance,
     huber_value_loss,
     normalize_advantage,
 )
-from fp3o_lightning.optim import AgentFreezer, NonFiniteGuard, clip_grad_norm_per_agent
+from fp3o_lightning.optim import AgentFreezer, clip_grad_norm_per_agent, skip_step_unless
 from fp3o_lightning.schemes import SCHEMES, make_scheme
 
 OBSERVATION = ("agents", "observation")
 ACTION = ("agents", "action")
 LOG_PROB = ("agents", "action_log_prob")
-LOC, SCALE = ("agents", "loc"), ("agents", "scale")
+LOC, SCALE, LOGITS = ("agents", "loc"), ("agents", "scale"), ("agents", "logits")
+ACTION_MASK = ("agents", "action_mask")
+HIDDEN = "rnn_hidden"  # a recurrent actor's hidden state [..., n_agents, hidden], carried by the collector
+IS_INIT = "is_init"  # TorchRL's InitTracker: True at the first step of an episode
 NONFINITE = ("skip", "stop")
 EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
@@ -89,6 +100,11 @@ class FP3OModule(L.LightningModule):
         value_clip: clip the value update around the rollout's value, as the paper's code does.
         hidden_size, depth: width and number of hidden layers of actor and critic.
         gain: orthogonal-init gain of the policy's output layer.
+        actor_network: ``mlp`` or ``rnn`` (a GRU of width ``hidden_size`` after the MLP trunk, with
+            the hidden state carried through rollouts and reset at episode starts; Table 7).
+        data_chunk_length: with ``rnn``, the update replays the rollout in sequences of this many
+            steps from the hidden state the rollout had at each sequence's start; minibatches are
+            made of whole sequences.
         std_x_coef, std_y_coef: the policy std is ``sigmoid(log_std / x) * y``.
         seed: seeds parameters, environments (offset by process rank) and the scheme's generator.
         diagnostics_interval: every this many iterations, log the per-agent ratio/KL distributions
@@ -128,6 +144,8 @@ class FP3OModule(L.LightningModule):
         hidden_size: int = 64,
         depth: int = 2,
         gain: float = 0.01,
+        actor_network: str = "mlp",
+        data_chunk_length: int = 10,
         std_x_coef: float = 1.0,
         std_y_coef: float = 0.5,
         seed: int = 0,
@@ -147,22 +165,28 @@ class FP3OModule(L.LightningModule):
         probe = make_env(**env, num_envs=1)
         self.n_agents = probe.n_agents
         observation_size = probe.observation_spec[OBSERVATION].shape[-1]
-        action_size = probe.full_action_spec[ACTION].shape[-1]
+        action_spec = probe.full_action_spec[ACTION]
         state_size = probe.observation_spec["state"].shape[-1]
-        action_sizes = probe.action_sizes
+        self.masked = ACTION_MASK in probe.observation_spec.keys(True)
+        discrete = isinstance(action_spec, Categorical)
+        if discrete and not self.masked:
+            raise ValueError(f"env {env['name']!r} has discrete actions but no {ACTION_MASK} observation")
         probe.close()
-        self.policy = GaussianPolicy(
+        self.policy = MultiAgentPolicy(
             self.n_agents,
             observation_size,
-            action_size,
-            sharing=sharing,
+            None if discrete else action_spec.shape[-1],
+            sharing,
+            n_actions=action_spec.space.n if discrete else None,
+            actor_network=actor_network,
             hidden_size=hidden_size,
             depth=depth,
             gain=gain,
             std_x_coef=std_x_coef,
             std_y_coef=std_y_coef,
-            action_sizes=action_sizes,
+            action_sizes=getattr(probe, "action_sizes", None),
         )
+        self.param_keys = (LOGITS,) if discrete else (LOC, SCALE)
         self.scheme = make_scheme(algorithm)
         if self.scheme.local_critic:
             self.critic = LocalCritic(self.n_agents, observation_size, sharing, hidden_size, depth)
@@ -184,7 +208,7 @@ class FP3OModule(L.LightningModule):
         hp = self.hparams
         positive = ("num_envs", "rollout_length", "total_frames", "actor_lr", "critic_lr", "clip_epsilon")
         positive += ("ppo_epochs", "num_minibatches", "max_grad_norm", "huber_delta", "hidden_size")
-        positive += ("eval_episodes", "eval_num_envs")
+        positive += ("eval_episodes", "eval_num_envs", "data_chunk_length")
         for name in positive:
             if not hp[name] > 0:
                 raise ValueError(f"model.{name}={hp[name]!r} must be > 0")
@@ -200,11 +224,22 @@ class FP3OModule(L.LightningModule):
             raise ValueError(f"model.nonfinite={hp.nonfinite!r} is unknown; choose one of {NONFINITE}")
         if hp.algorithm not in SCHEMES:
             raise ValueError(f"model.algorithm={hp.algorithm!r} is unknown; choose one of {tuple(SCHEMES)}")
-        batch = hp.num_envs * hp.rollout_length
-        if batch % hp.num_minibatches:
+        if hp.actor_network not in ACTOR_NETWORKS:
             raise ValueError(
-                f"model.num_minibatches={hp.num_minibatches} does not divide the batch of "
-                f"num_envs x rollout_length = {batch}; pick a divisor of {batch}"
+                f"model.actor_network={hp.actor_network!r} is unknown; choose one of {ACTOR_NETWORKS}"
+            )
+        if hp.actor_network == "rnn" and hp.rollout_length % hp.data_chunk_length:
+            raise ValueError(
+                f"model.data_chunk_length={hp.data_chunk_length} does not divide model.rollout_length="
+                f"{hp.rollout_length}; pick a divisor of {hp.rollout_length}"
+            )
+        chunk = hp.data_chunk_length if hp.actor_network == "rnn" else 1
+        sequences = hp.num_envs * hp.rollout_length // chunk
+        if sequences % hp.num_minibatches:
+            what = "sequences of data_chunk_length steps" if chunk > 1 else "num_envs x rollout_length"
+            raise ValueError(
+                f"model.num_minibatches={hp.num_minibatches} does not divide the batch of {sequences} "
+                f"{what}; pick a divisor of {sequences}"
             )
 
     # ------------------------------------------------------------------ setup
@@ -214,26 +249,58 @@ class FP3OModule(L.LightningModule):
         return self.hparams.num_envs * self.hparams.rollout_length
 
     @property
+    def chunk_length(self) -> int:
+        """Steps per sequence in the update: ``data_chunk_length`` for a recurrent actor, else 1."""
+        return self.hparams.data_chunk_length if self.policy.recurrent else 1
+
+    @property
     def num_iterations(self) -> int:
         """Iterations needed for ``total_frames`` frames, collected by every process."""
         world = self.trainer.world_size if self._trainer is not None else 1
         return math.ceil(self.hparams.total_frames / (self.frames_per_batch * world))
 
     def make_actor(self) -> ProbabilisticActor:
-        """The policy as a TorchRL actor: writes action, its log-prob and the Gaussian's loc/scale."""
-        module = TensorDictModule(self.policy, in_keys=[OBSERVATION], out_keys=[LOC, SCALE])
+        """The policy as a TorchRL actor: writes the action, its log-prob and the distribution's
+        parameters (and, for a recurrent actor, the next hidden state)."""
+        in_keys: dict[str, Any] = {"observation": OBSERVATION}  # forward's argument -> key
+        if self.masked:
+            in_keys["action_mask"] = ACTION_MASK
+        out_keys = list(self.param_keys)
+        if self.policy.recurrent:
+            in_keys |= {"hidden": HIDDEN, "is_init": IS_INIT}
+            out_keys.append(("next", HIDDEN))
+        module = TensorDictModule(self.policy, in_keys=in_keys, out_keys=out_keys)
+        if self.policy.discrete:
+            distribution_keys, distribution_class = {"logits": LOGITS, "mask": ACTION_MASK}, MaskedCategorical
+        else:
+            distribution_keys, distribution_class = {"loc": LOC, "scale": SCALE}, IndependentNormal
         return ProbabilisticActor(
             module,
-            in_keys={"loc": LOC, "scale": SCALE},
+            in_keys=distribution_keys,
             out_keys=[ACTION],
-            distribution_class=IndependentNormal,
+            distribution_class=distribution_class,
             return_log_prob=True,
             log_prob_key=LOG_PROB,
         )
 
+    def build_env(self, num_envs: int, episode_returns: bool = False) -> EnvBase:
+        """The configured environment with the transforms the actor needs.
+
+        A recurrent actor gets TorchRL's ``InitTracker`` (``is_init``) and a primer that puts a zero
+        hidden state in every reset. Environments that simulate on a device (VMAS) are built on the
+        module's device; the others simulate on the CPU.
+        """
+        hp = self.hparams
+        device = self.device if getattr(env_class(hp.env["name"]), "simulates_on_device", False) else "cpu"
+        transforms = [RewardSum(in_keys=["reward"], out_keys=["episode_reward"])] if episode_returns else []
+        if self.policy.recurrent:
+            hidden = Unbounded(shape=(num_envs, self.n_agents, hp.hidden_size), device=device)
+            transforms += [InitTracker(), TensorDictPrimer({HIDDEN: hidden}, expand_specs=False)]
+        env = make_env(**hp.env, num_envs=num_envs, device=device)
+        return TransformedEnv(env, Compose(*transforms)) if transforms else env
+
     def make_env(self, seed: int) -> EnvBase:
-        env = make_env(**self.hparams.env, num_envs=self.hparams.num_envs)
-        env = TransformedEnv(env, RewardSum(in_keys=["reward"], out_keys=["episode_reward"]))
+        env = self.build_env(self.hparams.num_envs, episode_returns=True)
         env.set_seed(seed)
         return env
 
@@ -252,7 +319,7 @@ class FP3OModule(L.LightningModule):
             self.make_actor(),
             frames_per_batch=self.frames_per_batch,
             total_frames=-1,
-            env_device="cpu",
+            env_device=None,  # the environment's own device
             policy_device=self.device,
             storing_device=self.device,
             track_traj_ids=False,
@@ -299,9 +366,10 @@ class FP3OModule(L.LightningModule):
             self._collector = None
 
     def on_train_end(self) -> None:
-        """A final evaluation, unless the last iteration was just evaluated."""
-        interval = self.hparams.eval_interval
-        if interval and self.iteration % interval and not self.interrupted:
+        """A final evaluation, unless the last iteration was just evaluated (Lightning also validates
+        when a time limit or a callback stops the run)."""
+        evaluated = self._runtime.get("evaluated_at") == self.iteration
+        if self.hparams.eval_interval and not evaluated and not self.interrupted:
             self.log_evaluation("eval", self.evaluate())
 
     def train_dataloader(self) -> _Iterations:
@@ -335,9 +403,10 @@ class FP3OModule(L.LightningModule):
         return callbacks
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        # Fused: one kernel per step, and it can skip a non-finite step without a host sync.
         return [
-            torch.optim.Adam(self.policy.parameters(), lr=self.hparams.actor_lr, eps=1e-5),
-            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, eps=1e-5),
+            torch.optim.Adam(self.policy.parameters(), lr=self.hparams.actor_lr, eps=1e-5, fused=True),
+            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, eps=1e-5, fused=True),
         ]
 
     # ------------------------------------------------------------------ iteration
@@ -378,7 +447,7 @@ class FP3OModule(L.LightningModule):
         return [key for key, flag in zip(keys, flags.tolist(), strict=True) if flag]
 
     def check_skipped_updates(self) -> Tensor:
-        """Warn about (or stop on) minibatch updates the non-finite guard undid in this iteration."""
+        """Warn about (or stop on) minibatch updates skipped as non-finite in this iteration."""
         losses, gradients = self._runtime["skipped"].tolist()
         if gradients:
             where = "losses and gradients" if losses else "gradients"
@@ -421,28 +490,41 @@ class FP3OModule(L.LightningModule):
         )
         moments = torch.stack([target.mean(), target.pow(2).mean()])
         self.value_normalizer.update(*(self.all_reduce_sum(moments) / self.trainer.world_size))
-        batch = TensorDict(
-            {
-                OBSERVATION: rollout[OBSERVATION],
-                ACTION: rollout[ACTION],
-                LOG_PROB: rollout[LOG_PROB],
-                LOC: rollout[LOC],
-                SCALE: rollout[SCALE],
-                "state": rollout["state"],
-                "advantage": normalize_advantage(advantage),
-                "value": value,
-                "value_target": self.value_normalizer.normalize(target),
-            },
-            batch_size=rollout.batch_size,
-        )
+        keys = [OBSERVATION, ACTION, "state"] + [ACTION_MASK] * self.masked
+        keys += [HIDDEN, IS_INIT] if self.policy.recurrent else []
+        batch = rollout.select(*keys).to(self.device)
+        batch["advantage"] = normalize_advantage(advantage)
+        batch["value"] = value
+        batch["value_target"] = self.value_normalizer.normalize(target)
+        # [num_envs, rollout_length] -> flat, environment-major: consecutive runs of chunk_length
+        # samples are the sequences a recurrent actor replays.
         batch = batch.reshape(-1)
         # As the paper's code does, the old policy's log-probs are recomputed on the whole flat
         # batch: the collector computed them step by step, in other batch shapes, which rounds
         # differently (~1e-7). Every update then starts from a ratio of exactly 1.
-        loc, scale = self.policy(batch[OBSERVATION])
-        batch[LOC], batch[SCALE] = loc, scale
-        batch[LOG_PROB] = IndependentNormal(loc, scale).log_prob(batch[ACTION])
+        params = self.distribution_params(batch)
+        batch.update(dict(zip(self.param_keys, params, strict=True)))
+        batch[LOG_PROB] = self.old_distribution(batch).log_prob(batch[ACTION])
         return batch, explained_variance(denormalized_value, target)
+
+    def distribution_params(self, batch: TensorDictBase) -> tuple[Tensor, ...]:
+        """The current policy's distribution parameters on a flat update batch (or a minibatch of
+        whole sequences)."""
+        return self.policy.batch_params(
+            batch[OBSERVATION],
+            batch.get(ACTION_MASK),
+            batch.get(HIDDEN),
+            batch.get(IS_INIT),
+            self.chunk_length,
+        )
+
+    def distribution(self, batch: TensorDictBase) -> Distribution:
+        """The current policy on a flat batch: ``log_prob`` and ``entropy`` are ``[B, n_agents]``."""
+        return self.policy.make_distribution(self.distribution_params(batch), batch.get(ACTION_MASK))
+
+    def old_distribution(self, batch: TensorDictBase) -> Distribution:
+        """The rollout policy, from the parameters stored in the batch."""
+        return self.policy.make_distribution([batch[k] for k in self.param_keys], batch.get(ACTION_MASK))
 
     @torch.no_grad()
     def measure(self, batch: TensorDictBase) -> tuple[Tensor, Tensor]:
@@ -450,9 +532,8 @@ class FP3OModule(L.LightningModule):
 
         Both ``[B, n_agents]``, on the whole batch, without gradients (KL exact for Gaussians).
         """
-        distribution = self.policy.distribution(batch[OBSERVATION])
-        old = IndependentNormal(batch[LOC], batch[SCALE])
-        return distribution.log_prob(batch[ACTION]), kl_divergence(old, distribution)
+        distribution = self.distribution(batch)
+        return distribution.log_prob(batch[ACTION]), kl_divergence(self.old_distribution(batch), distribution)
 
     def ppo_phase(
         self,
@@ -476,7 +557,9 @@ class FP3OModule(L.LightningModule):
         """
         hp = self.hparams
         actor_optimizer, critic_optimizer = self.optimizers()
-        size = batch.numel() // hp.num_minibatches
+        chunk = self.chunk_length
+        sequences = batch.numel() // chunk
+        steps = torch.arange(chunk, device=self.device)
         # Mean over agents for shared networks (as the paper's code concatenates agents), sum of
         # per-agent means for NoPS (each agent's gradient equals that of its own PPO loss).
         mask = torch.ones(self.n_agents, device=self.device) if agents is None else agents.float()
@@ -487,18 +570,18 @@ class FP3OModule(L.LightningModule):
         trained = [
             opt for opt, on in ((actor_optimizer, train_actor), (critic_optimizer, train_critic)) if on
         ]
-        guards = [NonFiniteGuard(optimizer.optimizer) for optimizer in trained]
         skipped = self._runtime.setdefault("skipped", torch.zeros(2, device=self.device))
         zero = torch.zeros((), device=self.device)
         totals = torch.zeros(3, device=self.device)
         clipped = torch.zeros(self.n_agents, device=self.device)
         for _ in range(hp.ppo_epochs):
-            order = torch.randperm(batch.numel(), generator=self.generator).to(self.device)
-            for index in order.view(hp.num_minibatches, size):
+            order = torch.randperm(sequences, generator=self.generator).to(self.device)
+            for sequence in order.view(hp.num_minibatches, -1):
+                index = (sequence.unsqueeze(-1) * chunk + steps).reshape(-1)  # whole sequences
                 minibatch = batch[index]
                 policy_loss = entropy = value_loss = zero
                 if train_actor:
-                    distribution = self.policy.distribution(minibatch[OBSERVATION])
+                    distribution = self.distribution(minibatch)
                     log_prob = distribution.log_prob(minibatch[ACTION])
                     surrogate = clipped_surrogate(
                         log_prob,
@@ -536,8 +619,8 @@ class FP3OModule(L.LightningModule):
                 finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
                 skipped += torch.stack([~torch.isfinite(loss.detach()), ~finite]).float()
                 self._runtime["steps"] = self._runtime.get("steps", 0) + 1
-                for guard in guards:
-                    guard.arm()
+                for optimizer in trained:  # a non-finite step leaves everything as it was
+                    skip_step_unless(optimizer.optimizer, finite)
                 if train_actor:
                     actor_optimizer.step()
                     if freezer is not None:
@@ -547,8 +630,6 @@ class FP3OModule(L.LightningModule):
                         clipped += ((ratio - 1.0).abs() > hp.clip_epsilon).float().mean(0)
                 if train_critic:
                     critic_optimizer.step()
-                for guard in guards:
-                    guard.settle(finite)
                 totals += torch.stack([policy_loss, value_loss, entropy]).detach().nan_to_num()
         policy_loss, value_loss, entropy = totals / (hp.ppo_epochs * hp.num_minibatches)
         stats: dict[str, Tensor] = {}
@@ -562,6 +643,7 @@ class FP3OModule(L.LightningModule):
     def validation_step(self, batch: int, batch_idx: int) -> None:
         if not self.trainer.sanity_checking:
             self.log_evaluation("eval", self.evaluate())
+            self._runtime["evaluated_at"] = self.iteration
 
     def test_step(self, batch: int, batch_idx: int) -> None:
         self.log_evaluation("test", self.evaluate())
@@ -577,7 +659,7 @@ class FP3OModule(L.LightningModule):
         hp = self.hparams
         if "eval_env" not in self._runtime:
             num_envs = min(hp.eval_num_envs, hp.eval_episodes)
-            self._runtime["eval_env"] = make_env(**hp.env, num_envs=num_envs, device=self.device)
+            self._runtime["eval_env"] = self.build_env(num_envs)
         env, actor = self._runtime["eval_env"], self.make_actor()
         env.set_seed(hp.seed + EVAL_SEED_OFFSET)
         returns, wins = [], []
@@ -629,8 +711,11 @@ class FP3OModule(L.LightningModule):
         ``train/``); agent orders (FP3O's selection, HAPPO's update order) under ``selection/``.
         Everything reaches the host in one transfer.
         """
-        returns = finished_episode_returns(rollout)
+        finished = finished_episodes(rollout)
+        returns = rollout["next", "episode_reward"][finished]
         stats = {**stats, "episode_return": returns.mean(), "episodes": torch.tensor(returns.numel())}
+        if ("next", "won") in rollout.keys(True):  # SMAC-style tasks: the share of finished episodes won
+            stats["win_rate"] = rollout["next", "won"][finished].float().mean()
         names, values = zip(*stats.items(), strict=True)
         flat = torch.cat([v.detach().float().reshape(-1).to(self.device) for v in values]).cpu()
         metrics = {"train/frames": float(self.frames), "train/iteration": float(self.iteration)}
@@ -643,7 +728,8 @@ class FP3OModule(L.LightningModule):
                 metrics |= {f"agent_{i}/{name}": float(v) for i, v in enumerate(value)}
                 metrics[f"train/{name}"] = float(value.mean())
         if not returns.numel():  # no episode ended in this rollout
-            del metrics["train/episode_return"]
+            for name in ("train/episode_return", "train/win_rate"):
+                metrics.pop(name, None)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.frames)
         if "train/episode_return" in metrics:
@@ -718,9 +804,9 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def finished_episode_returns(rollout: TensorDictBase) -> Tensor:
-    """Returns of the episodes that ended in this rollout, except those a simulator fault cut short."""
+def finished_episodes(rollout: TensorDictBase) -> Tensor:
+    """Where episodes ended in this rollout (``[..., 1]``), except those a simulator fault cut short."""
     finished = rollout["next", "done"]
     if ("next", "faulted") in rollout.keys(True):
         finished = finished & ~rollout["next", "faulted"]
-    return rollout["next", "episode_reward"][finished]
+    return finished

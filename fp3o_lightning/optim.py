@@ -55,32 +55,13 @@ class AgentFreezer:
                     state[key][self.frozen] = saved[key]
 
 
-class NonFiniteGuard:
-    """Undoes an optimiser step whose gradients were not finite, without a host sync.
+def skip_step_unless(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
+    """Make the optimiser's next ``step()`` a no-op unless the 0-dim bool tensor ``finite`` is true.
 
-    ``arm()`` copies the parameters and optimiser state before ``optimizer.step()``; ``settle(ok)``
-    keeps the step where the 0-dim bool tensor ``ok`` is true and restores the copies where it is
-    false, so a NaN or Inf never reaches the parameters. Hand-written because neither torch nor
-    Lightning offers a sync-free conditional step (Lightning's ``detect_anomaly`` only raises).
+    No host sync: it sets the ``found_inf`` tensor that torch's fused optimisers read (the hook AMP's
+    ``GradScaler`` uses), and the fused kernel then leaves parameters, moments and step counts as
+    they were. The optimiser must be built with ``fused=True``.
     """
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self.saved: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []
-
-    def arm(self) -> None:
-        self.saved = []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = self.optimizer.state.get(p, {})
-                tensors = {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
-                self.saved.append((p, p.detach().clone(), tensors))
-
-    @torch.no_grad()
-    def settle(self, ok: Tensor) -> None:
-        for p, value, state in self.saved:
-            p.copy_(torch.where(ok, p, value))
-            for key, current in self.optimizer.state.get(p, {}).items():
-                if isinstance(current, Tensor):
-                    before = state.get(key, torch.zeros_like(current))  # state created by this step
-                    current.copy_(torch.where(ok, current, before))
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("skip_step_unless needs an optimiser built with fused=True")
+    optimizer.found_inf = (~finite).to(torch.float32)

@@ -27,17 +27,18 @@ def small_module(**overrides) -> FP3OModule:
 
 
 def fit_quietly(module: FP3OModule, logger=False, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **trainer_kwargs,
-    )
+    """Fit on the CPU without progress bar, checkpoints or validation (unless ``trainer_kwargs`` say so)."""
+    options = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": logger,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    trainer = L.Trainer(**(options | trainer_kwargs))
     trainer.fit(module)
     return trainer
 

@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from lightning.pytorch.loggers import Logger
 
+from fp3o_lightning.loggers import MetricsRecorder
 from fp3o_lightning.module import FP3OModule
 
 from .conftest import fit_quietly
-
-
-class ReturnRecorder(Logger):
-    """A minimal Lightning logger that keeps the training return of every iteration."""
-
-    name, version = "recorder", "0"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.returns: list[float] = []
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if "train/episode_return" in metrics:
-            self.returns.append(metrics["train/episode_return"])
 
 
 @pytest.mark.parametrize("sharing", ["fups", "nops"])
@@ -40,9 +23,9 @@ def test_fp3o_improves_halfcheetah_return(sharing):
         sharing=sharing,
         seed=0,
     )
-    recorder = ReturnRecorder()
+    recorder = MetricsRecorder()
     fit_quietly(module, logger=recorder)
-    returns = recorder.returns
+    returns = recorder.series("train/episode_return")
     assert len(returns) == 40  # one 4-episode batch of returns per iteration
     first, last = sum(returns[:3]) / 3, sum(returns[-3:]) / 3
     # random HalfCheetah policies score about -15 over 100 steps; seeded runs reach +20 to +45

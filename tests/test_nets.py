@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from fp3o_lightning.nets import CentralCritic, GaussianPolicy, ValueNormalizer
+from fp3o_lightning.nets import CentralCritic, MultiAgentPolicy, ValueNormalizer
 from fp3o_lightning.optim import clip_grad_norm_per_agent
 
 N_AGENTS, OBS, ACT = 3, 7, 2
 
 
-def make(sharing: str, **kw) -> GaussianPolicy:
+def make(sharing: str, **kw) -> MultiAgentPolicy:
     torch.manual_seed(0)
-    return GaussianPolicy(N_AGENTS, OBS, ACT, sharing=sharing, **kw)
+    return MultiAgentPolicy(N_AGENTS, OBS, ACT, sharing=sharing, **kw)
 
 
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
@@ -42,7 +42,7 @@ def test_nops_agents_are_independent():
     obs = torch.randn(8, N_AGENTS, OBS)
     before = policy(obs)[0].detach()
     with torch.no_grad():
-        for param in policy.net.params.values(include_nested=True, leaves_only=True):
+        for param in policy.stacked_parameters():
             param[1].add_(torch.randn_like(param[1]))  # agent 2 (index 1) only
     after = policy(obs)[0].detach()
     assert torch.equal(after[:, 0], before[:, 0]) and torch.equal(after[:, 2], before[:, 2])
@@ -60,14 +60,13 @@ def test_nops_agent_input_only_affects_that_agent():
 
 def test_nops_agents_start_different():
     policy = make("nops")
-    params = dict(policy.net.params.items(include_nested=True, leaves_only=True))
-    weight = next(v for k, v in params.items() if v.dim() == 3)
+    weight = next(p for p in policy.stacked_parameters() if p.dim() == 3)
     assert not torch.allclose(weight[0], weight[1])
 
 
 def test_paps_only_heads_differ():
     policy = make("paps")
-    trunk, heads = policy.net
+    trunk, heads = policy.trunk, policy.head
     trunk_params = list(trunk.parameters())
     head_params = list(heads.parameters())
     # the trunk is one shared copy (no agent dimension); heads are stacked per agent
@@ -76,6 +75,7 @@ def test_paps_only_heads_differ():
     obs = torch.randn(4, 1, OBS).expand(4, N_AGENTS, OBS)  # same observation for every agent
     features = trunk(obs)
     assert torch.allclose(features[:, 0], features[:, 1])
+    assert set(map(id, policy.stacked_parameters())) == set(map(id, [policy.log_std, *head_params]))
     loc = policy(obs)[0]
     assert not torch.allclose(loc[:, 0], loc[:, 1])
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_fups_uses_agent_id():
 
 
 def test_padded_action_dims_do_not_change_ratios():
-    policy = GaussianPolicy(2, OBS, 3, sharing="nops", action_sizes=[3, 1])
+    policy = MultiAgentPolicy(2, OBS, 3, sharing="nops", action_sizes=[3, 1])
     obs = torch.randn(6, 2, OBS)
     dist = policy.distribution(obs)
     action = dist.sample()
@@ -124,7 +124,7 @@ def test_clip_grad_norm_per_agent():
 
 def test_invalid_sharing():
     with pytest.raises(ValueError, match="fups, paps, nops"):
-        GaussianPolicy(2, 3, 1, sharing="full")
+        MultiAgentPolicy(2, 3, 1, sharing="full")
 
 
 def test_critic_and_value_normalizer():
@@ -138,3 +138,91 @@ def test_critic_and_value_normalizer():
     assert mean.item() == pytest.approx(x.mean().item(), rel=1e-3)
     assert std.item() == pytest.approx(x.std(unbiased=False).item(), rel=1e-3)
     torch.testing.assert_close(norm.denormalize(norm.normalize(x)), x)
+
+
+def test_invalid_actor_network_and_action_kind():
+    with pytest.raises(ValueError, match="mlp"):
+        MultiAgentPolicy(2, 3, 1, actor_network="lstm")
+    with pytest.raises(ValueError, match="either action_size"):
+        MultiAgentPolicy(2, 3, 1, n_actions=4)
+
+
+N_ACTIONS = 6
+
+
+def random_mask(*batch: int) -> torch.Tensor:
+    mask = torch.rand(*batch, N_AGENTS, N_ACTIONS) < 0.4
+    mask[..., 0] |= ~mask.any(-1)  # at least one valid action (SMAC's no-op for dead units)
+    return mask
+
+
+@pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
+def test_masked_categorical_never_samples_invalid_actions(sharing):
+    torch.manual_seed(0)
+    policy = MultiAgentPolicy(N_AGENTS, OBS, sharing=sharing, n_actions=N_ACTIONS, gain=1.0)
+    obs, mask = torch.randn(64, N_AGENTS, OBS), random_mask(64)
+    dist = policy.distribution(obs, mask)
+    actions = dist.sample((100,))  # 100 x 64 x 3 = 19,200 sampled actions
+    assert mask.expand(100, *mask.shape).gather(-1, actions.unsqueeze(-1)).all()
+    # deterministic evaluation takes the best valid action
+    logits = policy(obs, mask)[0].masked_fill(~mask, float("-inf"))
+    assert torch.equal(dist.deterministic_sample, logits.argmax(-1))
+    assert mask.gather(-1, dist.deterministic_sample.unsqueeze(-1)).all()
+    log_prob, entropy = dist.log_prob(actions[0]), dist.entropy()
+    assert torch.isfinite(log_prob).all() and torch.isfinite(entropy).all()
+    (log_prob.mean() + entropy.mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+    kl = torch.distributions.kl_divergence(dist, policy.distribution(obs, mask))
+    assert kl.shape == (64, N_AGENTS) and torch.isfinite(kl).all() and kl.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
+@pytest.mark.parametrize("discrete", [False, True])
+def test_recurrent_batch_replay_equals_step_by_step(sharing, discrete):
+    """Replaying a rollout in chunks from the stored hidden states gives the step-by-step outputs,
+    with the hidden state reset at episode starts."""
+    torch.manual_seed(1)
+    action = {"n_actions": N_ACTIONS} if discrete else {"action_size": ACT}
+    policy = MultiAgentPolicy(N_AGENTS, OBS, sharing=sharing, actor_network="rnn", hidden_size=16, **action)
+    envs, steps, chunk = 3, 8, 4
+    obs = torch.randn(envs, steps, N_AGENTS, OBS)
+    mask = random_mask(envs, steps) if discrete else None
+    is_init = torch.rand(envs, steps, 1) < 0.2
+    is_init[:, 0] = True
+    hidden = torch.randn(envs, N_AGENTS, 16)  # garbage before the first reset must not matter
+    hiddens, outputs = [], []
+    for t in range(steps):
+        hiddens.append(hidden)
+        *params, hidden = policy(obs[:, t], None if mask is None else mask[:, t], hidden, is_init[:, t])
+        outputs.append(params[0])
+    stepwise = torch.stack(outputs, 1)
+    flat = policy.batch_params(
+        obs.flatten(0, 1),
+        None if mask is None else mask.flatten(0, 1),
+        torch.stack(hiddens, 1).flatten(0, 1),
+        is_init.flatten(0, 1),
+        chunk_length=chunk,
+    )
+    torch.testing.assert_close(flat[0], stepwise.flatten(0, 1), rtol=1e-5, atol=1e-6)
+    # the hidden state matters: a zero state everywhere gives different outputs after the first step
+    zero = policy.batch_params(
+        obs.flatten(0, 1),
+        None if mask is None else mask.flatten(0, 1),
+        torch.zeros(envs * steps, N_AGENTS, 16),
+        torch.ones(envs * steps, 1, dtype=torch.bool),
+        chunk_length=chunk,
+    )
+    assert not torch.allclose(zero[0], flat[0])
+
+
+def test_nops_recurrent_agents_are_independent():
+    policy = MultiAgentPolicy(N_AGENTS, OBS, ACT, "nops", actor_network="rnn", hidden_size=8)
+    obs, hidden = torch.randn(5, N_AGENTS, OBS), torch.randn(5, N_AGENTS, 8)
+    is_init = torch.zeros(5, 1, dtype=torch.bool)
+    before = policy(obs, None, hidden, is_init)
+    with torch.no_grad():
+        policy.rnn.recurrent.weight[1].add_(1.0)
+    after = policy(obs, None, hidden, is_init)
+    hidden_before, hidden_after = before[2], after[2]
+    assert torch.equal(hidden_after[:, 0], hidden_before[:, 0])
+    assert not torch.allclose(hidden_after[:, 1], hidden_before[:, 1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp3o_lightning.optim import NonFiniteGuard
+from fp3o_lightning.optim import skip_step_unless
 
 from .conftest import fit_quietly, small_module
 
@@ -14,21 +14,23 @@ def parameters(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def test_guard_undoes_a_step_with_nonfinite_gradients():
+def test_a_step_with_nonfinite_gradients_changes_nothing():
     weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.Adam([weight], lr=0.1)
-    guard = NonFiniteGuard(optimizer)
-    guard.arm()
-    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
-    optimizer.step()
-    guard.settle(torch.isfinite(weight.grad).all())
-    assert torch.equal(weight.detach(), torch.ones(3))
-    assert all(torch.isfinite(v).all() for v in optimizer.state[weight].values())
-    guard.arm()
+    optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)
     weight.grad = torch.ones(3)
+    optimizer.step()  # Adam has moments and a step count now
+    before = {"weight": weight.detach().clone()} | {k: v.clone() for k, v in optimizer.state[weight].items()}
+    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+    skip_step_unless(optimizer, torch.isfinite(weight.grad).all())
     optimizer.step()
-    guard.settle(torch.isfinite(weight.grad).all())
-    assert not torch.equal(weight.detach(), torch.ones(3))
+    after = {"weight": weight.detach()} | optimizer.state[weight]
+    assert all(torch.equal(after[key], value) for key, value in before.items())
+    weight.grad = torch.ones(3)
+    skip_step_unless(optimizer, torch.isfinite(weight.grad).all())
+    optimizer.step()
+    assert not torch.equal(weight.detach(), before["weight"])
+    with pytest.raises(ValueError, match="fused=True"):
+        skip_step_unless(torch.optim.Adam([weight]), torch.tensor(True))
 
 
 def corrupt_advantages(module, index: int = 5):
@@ -85,13 +87,13 @@ def test_invalid_mode_is_named():
 def test_episodes_cut_by_a_simulator_fault_do_not_count():
     from tensordict import TensorDict
 
-    from fp3o_lightning.module import finished_episode_returns
+    from fp3o_lightning.module import finished_episodes
 
     done = torch.tensor([[True], [True], [False]])
     faulted = torch.tensor([[False], [True], [False]])
     rollout = TensorDict(
         {"next": {"done": done, "episode_reward": torch.tensor([[5.0], [-99.0], [1.0]])}}, [3]
     )
-    assert finished_episode_returns(rollout).tolist() == [5.0, -99.0]
+    assert rollout["next", "episode_reward"][finished_episodes(rollout)].tolist() == [5.0, -99.0]
     rollout["next", "faulted"] = faulted
-    assert finished_episode_returns(rollout).tolist() == [5.0]
+    assert rollout["next", "episode_reward"][finished_episodes(rollout)].tolist() == [5.0]

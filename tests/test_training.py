@@ -8,11 +8,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import pytest
 import torch
 
 from fp3o_lightning.cli import main
+from fp3o_lightning.loggers import MetricsRecorder
 from fp3o_lightning.module import FP3OModule
 
 from .conftest import SMALL, fit_quietly, small_module
@@ -179,3 +181,17 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch) -> None:
         make_env("needs_extra")
     with pytest.raises(ModuleNotFoundError, match="a_module_that_is_not_installed"):
         FP3OModule(env={"name": "needs_extra"})
+
+
+def test_a_run_stopped_early_is_evaluated_once_at_its_last_iteration():
+    """Lightning validates when a callback (or a time limit) stops the run; no second final evaluation."""
+
+    class StopAfterTwo(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            trainer.should_stop = module.iteration == 2
+
+    recorder = MetricsRecorder()
+    module = small_module(total_frames=10 * 128, eval_interval=5, eval_episodes=2, eval_num_envs=2)
+    fit_quietly(module, logger=recorder, limit_val_batches=None, callbacks=[StopAfterTwo()])
+    assert module.iteration == 2
+    assert recorder.steps("eval/return_mean") == [module.frames]

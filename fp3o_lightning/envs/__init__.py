@@ -55,6 +55,14 @@ ENV_REGISTRY: dict[str, EnvEntry] = {
     "mamujoco": EnvEntry(
         "fp3o_lightning.envs.mamujoco:MaMuJoCoEnv", ("gymnasium_robotics", "mujoco"), renders=True
     ),
+    "smax": EnvEntry("fp3o_lightning.envs.smax:SMAXEnv", ("jaxmarl",), extra="smax"),
+    "smacv2": EnvEntry(
+        "fp3o_lightning.envs.smacv2:SMACv2TaskEnv",
+        ("smacv2", "pysc2"),
+        extra="smacv2",
+        note="It also needs StarCraft II 4.10 and the SMAC maps: set SC2PATH (default ~/StarCraftII); "
+        "see the README's StarCraft II section.",
+    ),
 }
 
 

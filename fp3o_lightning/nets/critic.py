@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fp3o_lightning.nets.mlp import AgentMLP, paper_mlp
+from fp3o_lightning.nets.mlp import paper_mlp
 
 
 class CentralCritic(nn.Module):
@@ -31,7 +31,8 @@ class LocalCritic(nn.Module):
         super().__init__()
         self.shared = sharing != "nops"
         in_features = observation_size + (n_agents if self.shared else 0)
-        self.net = AgentMLP(in_features, 1, n_agents, self.shared, depth, hidden_size, out_gain=1.0)
+        stacks = 1 if self.shared else n_agents
+        self.net = paper_mlp(in_features, 1, depth, hidden_size, out_gain=1.0, stacks=stacks)
         self.register_buffer("agent_id", torch.eye(n_agents))
 
     def forward(self, observation: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Gaussian policy with the paper's three network types: FuPS, PaPS and NoPS."""
+"""Multi-agent policies with the paper's three network types (FuPS, PaPS, NoPS), for continuous
+(Gaussian) or discrete (masked categorical) actions, with an MLP or a recurrent (GRU) actor."""
 
 from __future__ import annotations
 
@@ -6,33 +7,43 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchrl.modules import IndependentNormal
+from torch.distributions import Distribution
+from torchrl.modules import IndependentNormal, MaskedCategorical
 
-from fp3o_lightning.nets.mlp import AgentMLP
+from fp3o_lightning.nets.mlp import StackedGRU, paper_mlp
 
 SHARING = ("fups", "paps", "nops")
+ACTOR_NETWORKS = ("mlp", "rnn")
 
 
-class GaussianPolicy(nn.Module):
-    """Diagonal Gaussian policy ``pi^i(a | o^i)`` for every agent, with state-independent std.
+class MultiAgentPolicy(nn.Module):
+    """``pi^i(a^i | o^i)`` for every agent: a trunk, an optional GRU, and an output layer.
 
     Network types (``sharing``):
 
-    - ``fups``: full parameter sharing, one network whose input is the observation and the agent id;
-    - ``paps``: partial sharing, a shared trunk with a per-agent last layer (and per-agent std);
-    - ``nops``: no sharing, one network per agent as stacked parameters under vmap.
+    - ``fups``: full parameter sharing; one network whose input is the observation and the agent id;
+    - ``paps``: partial sharing; shared trunk (and GRU), per-agent output layer (and per-agent std);
+    - ``nops``: no sharing; every agent has its own network, as stacked parameters under vmap.
 
-    The std is ``sigmoid(log_std / std_x_coef) * std_y_coef`` with ``log_std`` initialised to
-    ``std_x_coef``, as in the paper's code. Agents with fewer action dimensions than the padded
-    action size get a fixed N(0, 1) on their padding, so it cancels from every ratio and KL.
+    Continuous actions: a diagonal Gaussian with state-independent std ``sigmoid(log_std / x) * y``
+    (``log_std`` starts at ``x``, as in the paper's code); agents with fewer action dimensions than
+    the padded size get a fixed N(0, 1) on the padding, which cancels from every ratio and KL.
+    Discrete actions (``n_actions``): a categorical over the logits, masked by the environment's
+    ``action_mask`` (an invalid action has probability 0 and the mode is the best valid action).
+
+    Recurrent actors (``actor_network="rnn"``, Table 7) carry a hidden state ``[..., n_agents,
+    hidden_size]`` that is zeroed where ``is_init`` marks an episode start.
     """
 
     def __init__(
         self,
         n_agents: int,
         observation_size: int,
-        action_size: int,
+        action_size: int | None = None,
         sharing: str = "nops",
+        *,
+        n_actions: int | None = None,
+        actor_network: str = "mlp",
         hidden_size: int = 64,
         depth: int = 2,
         gain: float = 0.01,
@@ -43,45 +54,123 @@ class GaussianPolicy(nn.Module):
         super().__init__()
         if sharing not in SHARING:
             raise ValueError(f"sharing={sharing!r} is not a network type; choose one of {', '.join(SHARING)}")
-        self.n_agents, self.sharing = n_agents, sharing
+        if actor_network not in ACTOR_NETWORKS:
+            raise ValueError(f"actor_network={actor_network!r} is unknown; choose one of {ACTOR_NETWORKS}")
+        if (action_size is None) == (n_actions is None):
+            raise ValueError("give either action_size (continuous actions) or n_actions (discrete actions)")
+        self.n_agents, self.sharing, self.hidden_size = n_agents, sharing, hidden_size
+        self.discrete, self.recurrent = n_actions is not None, actor_network == "rnn"
         self.std_x_coef, self.std_y_coef = std_x_coef, std_y_coef
-        mlp = {"depth": depth, "num_cells": hidden_size}
-        if sharing == "fups":
-            self.net = AgentMLP(
-                observation_size + n_agents, action_size, n_agents, True, out_gain=gain, **mlp
-            )
-        elif sharing == "paps":
-            self.net = nn.Sequential(
-                AgentMLP(observation_size, None, n_agents, True, **mlp),
-                AgentMLP(hidden_size, action_size, n_agents, False, depth=0, input_norm=False, out_gain=gain),
-            )
-        else:
-            self.net = AgentMLP(observation_size, action_size, n_agents, False, out_gain=gain, **mlp)
-        self.log_std = nn.Parameter(
-            torch.full((1 if sharing == "fups" else n_agents, action_size), std_x_coef)
-        )
+        in_features = observation_size + (n_agents if sharing == "fups" else 0)
+        trunk_stacks = n_agents if sharing == "nops" else 1
+        self.trunk = paper_mlp(in_features, None, depth, hidden_size, stacks=trunk_stacks)
+        width = hidden_size if depth else in_features
+        self.rnn = StackedGRU(trunk_stacks, width, hidden_size) if self.recurrent else None
+        width = hidden_size if self.recurrent else width
+        out_features = n_actions if self.discrete else action_size
+        head_stacks = 1 if sharing == "fups" else n_agents
+        self.head = paper_mlp(width, out_features, 0, input_norm=False, out_gain=gain, stacks=head_stacks)
         self.register_buffer("agent_id", torch.eye(n_agents))
+        if self.discrete:
+            self.register_parameter("log_std", None)
+            self.register_buffer("action_valid", None)
+            return
+        std_rows = 1 if sharing == "fups" else n_agents
+        self.log_std = nn.Parameter(torch.full((std_rows, action_size), std_x_coef))
         sizes = list(action_sizes) if action_sizes is not None else [action_size] * n_agents
         valid = torch.arange(action_size) < torch.tensor(sizes).unsqueeze(-1)
         self.register_buffer("action_valid", None if bool(valid.all()) else valid)
 
-    def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
-        """Map observations ``[..., n_agents, obs]`` to the Gaussian's ``loc`` and ``scale``.
+    @property
+    def distribution_keys(self) -> tuple[str, ...]:
+        """Names of the tensors :meth:`forward` returns (before the next hidden state)."""
+        return ("logits",) if self.discrete else ("loc", "scale")
 
-        Both outputs are ``[..., n_agents, act]``.
+    def forward(
+        self,
+        observation: Tensor,
+        action_mask: Tensor | None = None,
+        hidden: Tensor | None = None,
+        is_init: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
+        """One step: observations ``[..., n_agents, obs]`` to the distribution's parameters.
+
+        Returns ``(loc, scale)`` or ``(logits,)`` (``[..., n_agents, act]``), followed by the next
+        hidden state for a recurrent actor (which needs ``hidden`` and ``is_init`` ``[..., 1]``).
         """
-        if self.sharing == "fups":
-            observation = torch.cat([observation, self.agent_id.expand(*observation.shape[:-1], -1)], -1)
-        loc = self.net(observation)
-        scale = (torch.sigmoid(self.log_std / self.std_x_coef) * self.std_y_coef).expand_as(loc)
-        if self.action_valid is not None:
-            loc = torch.where(self.action_valid, loc, 0.0)
-            scale = torch.where(self.action_valid, scale, 1.0)
-        return loc, scale
+        if not self.recurrent:
+            return self._head(self.trunk(self._inputs(observation)), action_mask)
+        outputs = self.sequence(
+            observation.unsqueeze(-3),
+            hidden,
+            is_init.unsqueeze(-2),
+            None if action_mask is None else action_mask.unsqueeze(-3),
+        )
+        *params, hidden = outputs
+        return (*(p.squeeze(-3) for p in params), hidden)
 
-    def distribution(self, observation: Tensor) -> IndependentNormal:
-        """The joint-action distribution, with one event per agent (``log_prob`` is ``[..., n_agents]``)."""
-        return IndependentNormal(*self(observation))
+    def sequence(
+        self, observation: Tensor, hidden: Tensor, is_init: Tensor, action_mask: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """A recurrent actor over sequences: ``observation [n, L, n_agents, obs]``, the hidden state
+        at the first step ``[n, n_agents, hidden]``, ``is_init [n, L, 1]``. Returns the parameters
+        ``[n, L, n_agents, ...]`` and the hidden state after the last step."""
+        features = self.trunk(self._inputs(observation))
+        outputs = []
+        for t in range(features.shape[1]):  # a loop over time steps, not over agents
+            hidden = torch.where(is_init[:, t, :, None], 0.0, hidden)
+            output, hidden = self.rnn(features[:, t], hidden)
+            outputs.append(output)
+        return (*self._head(torch.stack(outputs, 1), action_mask), hidden)
+
+    def _inputs(self, observation: Tensor) -> Tensor:
+        if self.sharing == "fups":
+            return torch.cat([observation, self.agent_id.expand(*observation.shape[:-1], -1)], -1)
+        return observation
+
+    def _head(self, features: Tensor, action_mask: Tensor | None) -> tuple[Tensor, ...]:
+        out = self.head(features)
+        if self.discrete:
+            return (out,)
+        scale = (torch.sigmoid(self.log_std / self.std_x_coef) * self.std_y_coef).expand_as(out)
+        if self.action_valid is not None:
+            out = torch.where(self.action_valid, out, 0.0)
+            scale = torch.where(self.action_valid, scale, 1.0)
+        return out, scale
+
+    def make_distribution(self, params: Sequence[Tensor], action_mask: Tensor | None = None) -> Distribution:
+        """The joint-action distribution, one event per agent (``log_prob`` is ``[..., n_agents]``)."""
+        if self.discrete:
+            return MaskedCategorical(logits=params[0], mask=action_mask)
+        return IndependentNormal(*params)
+
+    def distribution(self, observation: Tensor, action_mask: Tensor | None = None) -> Distribution:
+        """The distribution of an MLP actor at ``observation``."""
+        return self.make_distribution(self(observation, action_mask), action_mask)
+
+    def batch_params(
+        self,
+        observation: Tensor,
+        action_mask: Tensor | None = None,
+        hidden: Tensor | None = None,
+        is_init: Tensor | None = None,
+        chunk_length: int = 1,
+    ) -> tuple[Tensor, ...]:
+        """Distribution parameters on a flat update batch ``[B, ...]``.
+
+        A recurrent actor reads the batch as ``B / chunk_length`` consecutive sequences of
+        ``chunk_length`` steps (rollout order) and replays each from the hidden state its rollout
+        had at the chunk's first step, resetting at episode starts.
+        """
+        if not self.recurrent:
+            return self(observation, action_mask)
+
+        def chunks(x: Tensor) -> Tensor:
+            return x.reshape(-1, chunk_length, *x.shape[1:])
+
+        mask = None if action_mask is None else chunks(action_mask)
+        *params, _ = self.sequence(chunks(observation), chunks(hidden)[:, 0], chunks(is_init), mask)
+        return tuple(p.flatten(0, 1) for p in params)
 
     @property
     def per_agent_parameters(self) -> bool:
@@ -89,8 +178,9 @@ class GaussianPolicy(nn.Module):
         return self.sharing == "nops"
 
     def stacked_parameters(self) -> list[nn.Parameter]:
-        """The parameters with a leading agent dimension: all of NoPS, PaPS's heads and std, none of FuPS."""
+        """Parameters with a leading agent dimension: all of NoPS, PaPS's head and std, none of FuPS."""
         if self.sharing == "fups":
             return []
-        head = self.net if self.sharing == "nops" else self.net[1]
-        return [self.log_std, *head.parameters()]
+        if self.sharing == "nops":
+            return list(self.parameters())
+        return [p for p in (self.log_std, *self.head.parameters()) if p is not None]
