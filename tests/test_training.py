@@ -12,6 +12,7 @@ import lightning as L
 import mlflow
 import pytest
 import torch
+import yaml
 
 from fp3o_lightning.cli import main
 from fp3o_lightning.loggers import MetricsRecorder
@@ -20,7 +21,9 @@ from fp3o_lightning.module import FP3OModule
 from .conftest import SMALL, fit_quietly, small_module
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK_CONFIGS = sorted((ROOT / "configs" / "mamujoco").glob("*.yaml")) + [ROOT / "configs" / "quickstart.yaml"]
+TASK_CONFIGS = [ROOT / "configs" / "quickstart.yaml"] + sorted(
+    path for env in ("mamujoco", "smax", "smacv2") for path in (ROOT / "configs" / env).glob("*.yaml")
+)
 PART_CONFIGS = sorted((ROOT / "configs" / "algorithms").glob("*.yaml")) + sorted(
     (ROOT / "configs" / "sharing").glob("*.yaml")
 )
@@ -80,7 +83,15 @@ def print_config(capsys, *args: str) -> str:
 @pytest.mark.parametrize("config", TASK_CONFIGS, ids=lambda p: p.stem)
 def test_task_configs_parse(config, capsys):
     printed = print_config(capsys, "--config", str(config))
-    assert "clip_epsilon" in printed and "scenario" in printed
+    assert "clip_epsilon" in printed and ("scenario" in printed or f"map_name: {config.stem}" in printed)
+
+
+def test_smax_config_builds_the_paper_setup():
+    pytest.importorskip("jaxmarl")
+    model = yaml.safe_load((ROOT / "configs" / "smax" / "3s5z.yaml").read_text())["model"]
+    module = FP3OModule(**model)
+    assert module.n_agents == 8 and module.policy.discrete and module.policy.recurrent
+    assert module.frames_per_batch == 3200 and module.chunk_length == 10
 
 
 @pytest.mark.parametrize("part", PART_CONFIGS, ids=lambda p: p.stem)
