@@ -19,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib
+import logging
 import os
+import re
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -162,7 +165,33 @@ COMMANDS = {
 }
 
 
+#: Lightning messages that say nothing about an ``fp3o`` run: an advertisement, the notice that the
+#: module's checkpoint callbacks replace the default one (by design), a deprecation inside Lightning
+#: under recent torch, and the logging interval (the module logs every iteration itself).
+QUIET_MESSAGES = (
+    "💡 Tip",
+    "will override existing callbacks",
+    "`isinstance(treespec, LeafSpec)` is deprecated",
+    "smaller than the logging interval",
+)
+
+
+class _QuietLightning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(message in record.getMessage() for message in QUIET_MESSAGES)
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's log to what matters for a run (see ``QUIET_MESSAGES``)."""
+    for name in ("lightning.pytorch", "lightning.fabric"):  # their child loggers use these handlers
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_QuietLightning())
+    for message in QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}")
+
+
 def main(args: list[str] | None = None) -> None:
+    quiet_lightning()
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] and argv[0] in COMMANDS:  # commands of our own beside Lightning's fit/validate/test
         sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]))
