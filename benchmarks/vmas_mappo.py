@@ -56,38 +56,9 @@ TASK = {"scenario": "balance", "n_agents": 4, "max_episode_steps": 100}
 
 def run_ours(args: argparse.Namespace) -> list[float]:
     import lightning as L
-    from lightning.pytorch.loggers import Logger
-    from lightning.pytorch.utilities import rank_zero_only
 
-    from fp3o_lightning.envs import ENV_REGISTRY, EnvEntry
+    from fp3o_lightning.loggers import MetricsRecorder
     from fp3o_lightning.module import FP3OModule
-
-    if "vmas" not in ENV_REGISTRY:  # until the package registers it
-        ENV_REGISTRY["vmas"] = EnvEntry("fp3o_lightning.envs.vmas:VMASEnv", ("vmas",), extra="vmas")
-
-    class MemoryLogger(Logger):
-        """Keeps every logged metric in memory: ``history[name] = [(step, value), ...]``."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.history: dict[str, list[tuple[int, float]]] = {}
-
-        @property
-        def name(self) -> str:
-            return "memory"
-
-        @property
-        def version(self) -> str:
-            return "0"
-
-        @rank_zero_only
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        @rank_zero_only
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            for key, value in metrics.items():
-                self.history.setdefault(key, []).append((step, float(value)))
 
     class Report(L.Callback):
         def on_train_start(self, trainer: L.Trainer, module: FP3OModule) -> None:
@@ -97,8 +68,8 @@ def run_ours(args: argparse.Namespace) -> list[float]:
             print(f"ours: training on {module.device}, environment on {where}", flush=True)
 
         def on_train_batch_end(self, trainer: L.Trainer, module: FP3OModule, *args: Any) -> None:
-            fps = logger.history["train/fps"][-1][1]
-            ret = logger.history.get("train/episode_return", [(None, float("nan"))])[-1][1]
+            fps = logger.series("train/fps")[-1]
+            ret = (logger.series("train/episode_return") or [float("nan")])[-1]
             print(f"ours: iteration {module.iteration}: {fps:,.0f} frames/s, return {ret:.2f}", flush=True)
 
     module = FP3OModule(
@@ -124,7 +95,7 @@ def run_ours(args: argparse.Namespace) -> list[float]:
         diagnostics_interval=0,
         checkpoint_interval=0,
     )
-    logger = MemoryLogger()
+    logger = MetricsRecorder()
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -138,7 +109,7 @@ def run_ours(args: argparse.Namespace) -> list[float]:
         limit_val_batches=0,
     )
     trainer.fit(module)
-    return [value for _, value in logger.history["train/fps"]]
+    return logger.series("train/fps")
 
 
 class BenchmarlTimer:

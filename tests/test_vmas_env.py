@@ -13,10 +13,8 @@ pytest.importorskip("vmas")
 
 from torchrl.envs.libs.vmas import VmasEnv  # noqa: E402
 
-from fp3o_lightning.envs import ENV_REGISTRY, EnvEntry, make_env  # noqa: E402
+from fp3o_lightning.envs import make_env  # noqa: E402
 from fp3o_lightning.envs.vmas import VMASEnv, vmas_scenarios  # noqa: E402
-
-VMAS_ENTRY = EnvEntry("fp3o_lightning.envs.vmas:VMASEnv", ("vmas",), extra="vmas")
 
 
 def _random_actions(env: VMASEnv, steps: int, seed: int) -> torch.Tensor:
@@ -282,10 +280,8 @@ def test_simulates_on_cuda() -> None:
     assert (first == again).all()
 
 
-def test_make_env_and_one_training_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through the registry (registered here if the package does not register it yet), one MAPPO iteration."""
-    if "vmas" not in ENV_REGISTRY:
-        monkeypatch.setitem(ENV_REGISTRY, "vmas", VMAS_ENTRY)
+def test_make_env_and_one_training_iteration() -> None:
+    """Through the registry, one MAPPO iteration."""
     env = make_env("vmas", scenario="balance", num_envs=2, n_agents=3)
     assert isinstance(env, VMASEnv) and env.n_agents == 3
 

@@ -55,6 +55,7 @@ ENV_REGISTRY: dict[str, EnvEntry] = {
     "mamujoco": EnvEntry(
         "fp3o_lightning.envs.mamujoco:MaMuJoCoEnv", ("gymnasium_robotics", "mujoco"), renders=True
     ),
+    "vmas": EnvEntry("fp3o_lightning.envs.vmas:VMASEnv", ("vmas",), extra="vmas"),
     "smax": EnvEntry("fp3o_lightning.envs.smax:SMAXEnv", ("jaxmarl",), extra="smax"),
     "smacv2": EnvEntry(
         "fp3o_lightning.envs.smacv2:SMACv2TaskEnv",
