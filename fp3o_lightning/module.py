@@ -14,19 +14,29 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModule
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 from torchrl.collectors import Collector
 from torchrl.data import Categorical, Unbounded
 from torchrl.envs import Compose, EnvBase, InitTracker, RewardSum, TensorDictPrimer, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from torchrl.modules import IndependentNormal, MaskedCategorical, ProbabilisticActor
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
 from fp3o_lightning import diagnostics
+from fp3o_lightning.actor import RolloutActor
 from fp3o_lightning.callbacks import BestEvalCheckpoint, GracefulStop, IterationCheckpoint
 from fp3o_lightning.envs import env_class, make_env, task_name
+from fp3o_lightning.keys import (
+    ACTION,
+    ACTION_MASK,
+    HIDDEN,
+    IS_INIT,
+    LOC,
+    LOG_PROB,
+    LOGITS,
+    OBSERVATION,
+    SCALE,
+)
 from fp3o_lightning.nets import (
     ACTOR_NETWORKS,
     SHARING,
@@ -44,13 +54,6 @@ from fp3o_lightning.objectives import (
 from fp3o_lightning.optim import AgentFreezer, clip_grad_norm_per_agent, skip_step_unless
 from fp3o_lightning.schemes import SCHEMES, make_scheme
 
-OBSERVATION = ("agents", "observation")
-ACTION = ("agents", "action")
-LOG_PROB = ("agents", "action_log_prob")
-LOC, SCALE, LOGITS = ("agents", "loc"), ("agents", "scale"), ("agents", "logits")
-ACTION_MASK = ("agents", "action_mask")
-HIDDEN = "rnn_hidden"  # a recurrent actor's hidden state [..., n_agents, hidden], carried by the collector
-IS_INIT = "is_init"  # TorchRL's InitTracker: True at the first step of an episode
 NONFINITE = ("skip", "stop")
 EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
@@ -120,6 +123,9 @@ class FP3OModule(L.LightningModule):
             rewards), a loss or a gradient: ``skip`` the affected update (the parameters never see
             it; a warning names where, and ``train/skipped_updates`` counts them) or ``stop`` the run
             with an error naming where.
+        num_threads: torch's CPU threads in this process while it runs (``torch.set_num_threads``);
+            the paper's small networks run fastest on one thread, and more threads than free cores
+            slow everything down many times over. 0 leaves torch's setting as it is.
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class FP3OModule(L.LightningModule):
         eval_num_envs: int = 8,
         checkpoint_interval: int = 50,
         nonfinite: str = "skip",
+        num_threads: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,7 +219,8 @@ class FP3OModule(L.LightningModule):
         for name in positive:
             if not hp[name] > 0:
                 raise ValueError(f"model.{name}={hp[name]!r} must be > 0")
-        for name in ("entropy_coef", "depth", "diagnostics_interval", "eval_interval", "checkpoint_interval"):
+        non_negative = ("entropy_coef", "depth", "diagnostics_interval", "eval_interval")
+        for name in (*non_negative, "checkpoint_interval", "num_threads"):
             if hp[name] < 0:
                 raise ValueError(f"model.{name}={hp[name]!r} must be >= 0")
         for name in ("gamma", "gae_lambda"):
@@ -259,29 +267,9 @@ class FP3OModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         return math.ceil(self.hparams.total_frames / (self.frames_per_batch * world))
 
-    def make_actor(self) -> ProbabilisticActor:
-        """The policy as a TorchRL actor: writes the action, its log-prob and the distribution's
-        parameters (and, for a recurrent actor, the next hidden state)."""
-        in_keys: dict[str, Any] = {"observation": OBSERVATION}  # forward's argument -> key
-        if self.masked:
-            in_keys["action_mask"] = ACTION_MASK
-        out_keys = list(self.param_keys)
-        if self.policy.recurrent:
-            in_keys |= {"hidden": HIDDEN, "is_init": IS_INIT}
-            out_keys.append(("next", HIDDEN))
-        module = TensorDictModule(self.policy, in_keys=in_keys, out_keys=out_keys)
-        if self.policy.discrete:
-            distribution_keys, distribution_class = {"logits": LOGITS, "mask": ACTION_MASK}, MaskedCategorical
-        else:
-            distribution_keys, distribution_class = {"loc": LOC, "scale": SCALE}, IndependentNormal
-        return ProbabilisticActor(
-            module,
-            in_keys=distribution_keys,
-            out_keys=[ACTION],
-            distribution_class=distribution_class,
-            return_log_prob=True,
-            log_prob_key=LOG_PROB,
-        )
+    def make_actor(self) -> RolloutActor:
+        """The policy as the collector's actor (see ``RolloutActor``)."""
+        return RolloutActor(self.policy, self.masked)
 
     def build_env(self, num_envs: int, episode_returns: bool = False) -> EnvBase:
         """The configured environment with the transforms the actor needs.
@@ -303,6 +291,10 @@ class FP3OModule(L.LightningModule):
         env = self.build_env(self.hparams.num_envs, episode_returns=True)
         env.set_seed(seed)
         return env
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.num_threads:
+            torch.set_num_threads(self.hparams.num_threads)
 
     def on_fit_start(self) -> None:
         """Build the collector once the module is on its device; seeds are offset by global rank.
