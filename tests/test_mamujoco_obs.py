@@ -40,7 +40,7 @@ def _random_actions(env: MaMuJoCoEnv, steps: int, seed: int) -> torch.Tensor:
 def _gathered_float64(env: MaMuJoCoEnv) -> np.ndarray:
     """The gathers of all sub-envs in float64, before the float32 buffers: ``[num_envs, entries]``."""
     values = env._src.take(env._gather_index, axis=1)
-    if env._gather_bounds is not None:
+    if env._gather_bounds is not None:  # np.clip itself, not the env's min/max shortcut
         np.clip(values, *env._gather_bounds, out=values)
     return values
 
@@ -139,7 +139,7 @@ def test_vectorised_dynamics_equal_gymnasium_step(scenario: str, agent_conf: str
             global_action = np.clip(action.numpy(), env._act_low, env._act_high)[
                 :, env._act_agent, env._act_slot
             ].astype(np.float64)
-            reward, terminated = env._dynamics(env._before, global_action)
+            reward, terminated = env._dynamics(env._before, env._dynamics.control_cost(global_action))
             for i, twin in enumerate(twins._sims):
                 _, twin_reward, twin_terminated, _, _ = twin.step(global_action[i])
                 np.testing.assert_array_equal(twin.data.qpos, env._sims[i].data.qpos)
@@ -166,3 +166,23 @@ def test_sum_over_rows_equals_sum_of_each_row() -> None:
         if matrix is not None:  # Ant's contact cost sums a [nbody, 6] array
             for i in range(5):
                 assert sums[i] == np.sum(np.square(matrix[i].copy()))
+
+
+def test_min_max_clip_equals_np_clip() -> None:
+    """With no bound a zero, np.maximum/np.minimum clip exactly like np.clip, NaN and -0.0 included."""
+    from fp3o_lightning.envs.mamujoco import _clip
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 7)) * 3.0
+    x[0, :4] = [np.nan, -0.0, 0.0, np.inf]
+    x[1, :3] = [-np.inf, -1.0, 1.0]
+    low = np.array([-1.0, -0.5, -np.inf, -2.0, -1e-3, -1.0, -np.inf])
+    high = np.array([1.0, 0.5, np.inf, 3.0, 1e-3, np.inf, 2.0])
+    expected = np.clip(x, low, high)
+    got = _clip(x, low, high, np.empty_like(x), exact_min_max=True)
+    np.testing.assert_array_equal(got, expected)
+    assert (np.signbit(got) == np.signbit(expected)).all()
+    for scalar_low, scalar_high in ((-1.0, 1.0), (-0.4, 0.4)):
+        np.testing.assert_array_equal(
+            _clip(x, scalar_low, scalar_high, np.empty_like(x), True), np.clip(x, scalar_low, scalar_high)
+        )
