@@ -634,7 +634,7 @@ class MaMuJoCoEnv(EnvBase):
         over all sub-envs (:meth:`_gather`). Agents whose observation is not a gather (see
         :func:`_trace_gathers`) are computed by gymnasium-robotics' ``_get_obs_agent`` as before, and so is
         the state by Gymnasium's ``_get_obs``. The plan depends on the model only, so it holds for sub-envs
-        rebuilt after a fault (new ``MjData`` objects are read at every copy).
+        rebuilt after a fault (a new ``MjData`` is bound by :meth:`_bind` at its first use).
         """
         penv, sim = self._penvs[0], self._sims[0]
         fns: list[Callable[[], Any]] = [
