@@ -271,20 +271,21 @@ class FP3OModule(L.LightningModule):
         """The policy as the collector's actor (see ``RolloutActor``)."""
         return RolloutActor(self.policy, self.masked)
 
-    def build_env(self, num_envs: int, episode_returns: bool = False) -> EnvBase:
+    def build_env(self, num_envs: int, episode_returns: bool = False, **env_options: Any) -> EnvBase:
         """The configured environment with the transforms the actor needs.
 
         A recurrent actor gets TorchRL's ``InitTracker`` (``is_init``) and a primer that puts a zero
         hidden state in every reset. Environments that simulate on a device (VMAS) are built on the
-        module's device; the others simulate on the CPU.
+        module's device; the others simulate on the CPU. ``env_options`` add to the configured
+        environment's options (e.g. ``render_mode``).
         """
         hp = self.hparams
         device = self.device if getattr(env_class(hp.env["name"]), "simulates_on_device", False) else "cpu"
         transforms = [RewardSum(in_keys=["reward"], out_keys=["episode_reward"])] if episode_returns else []
         if self.policy.recurrent:
-            hidden = Unbounded(shape=(num_envs, self.n_agents, hp.hidden_size), device=device)
-            transforms += [InitTracker(), TensorDictPrimer({HIDDEN: hidden}, expand_specs=False)]
-        env = make_env(**hp.env, num_envs=num_envs, device=device)
+            hidden = Unbounded(shape=(self.n_agents, hp.hidden_size), device=device)
+            transforms += [InitTracker(), TensorDictPrimer({HIDDEN: hidden}, expand_specs=True)]
+        env = make_env(**hp.env, **env_options, num_envs=num_envs, device=device)
         return TransformedEnv(env, Compose(*transforms)) if transforms else env
 
     def make_env(self, seed: int) -> EnvBase:

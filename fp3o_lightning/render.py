@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
 
-from fp3o_lightning.envs import ENV_REGISTRY, make_env
+from fp3o_lightning.envs import ENV_REGISTRY
 
 __all__ = ["render_episode", "main", "FORMATS"]
 
@@ -106,7 +106,7 @@ def _render(
     if fps is not None and not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps!r}.")
     _check_renderable(module.hparams.env)
-    env = make_env(**module.hparams.env, num_envs=1, render_mode="rgb_array", width=width, height=height)
+    env = module.build_env(1, render_mode="rgb_array", width=width, height=height)
     try:
         env.set_seed(seed)
         fps = float(fps or env.render_fps)
@@ -154,7 +154,8 @@ def render_episode(
     every k-th frame when that rate is above :data:`MAX_GIF_FPS` (and always the last one).
 
     Args:
-        module: an ``FP3OModule`` (anything with ``hparams.env``, ``make_actor()`` and parameters).
+        module: an ``FP3OModule`` (anything with ``hparams.env``, ``build_env()``, ``make_actor()`` and
+            parameters).
         output: the file to write; its suffix picks the format.
         steps: step limit; ``None`` runs to the end of the episode (``max_episode_steps`` at most).
         seed: environment seed.

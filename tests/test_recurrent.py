@@ -7,6 +7,7 @@ import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from fp3o_lightning.module import HIDDEN, LOG_PROB
+from fp3o_lightning.render import render_episode
 
 from .conftest import fit_quietly, small_module
 
@@ -38,3 +39,11 @@ def test_recurrent_training_logs_and_validates_chunks():
         small_module(actor_network="rnn", data_chunk_length=8, num_minibatches=3)
     with pytest.raises(ValueError, match="actor_network='gru' is unknown"):
         small_module(actor_network="gru")
+
+
+def test_recurrent_policy_evaluates_and_renders_with_a_single_environment(tmp_path):
+    module = small_module(**RNN, eval_num_envs=1, eval_episodes=2)
+    result = module.evaluate()
+    assert result["returns"].shape == (2,) and torch.isfinite(result["returns"]).all()
+    path = render_episode(module, tmp_path / "episode.gif", steps=3, width=32, height=32)
+    assert path.stat().st_size > 0
