@@ -70,6 +70,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from fp3o_lightning.envs.state import check_saved_state
+
 __all__ = [
     "EnvFaultWarning",
     "MaMuJoCoEnv",
@@ -1112,19 +1114,13 @@ class MaMuJoCoEnv(EnvBase):
         import mujoco
 
         name = type(self).__name__
-        if not isinstance(state, dict) or state.get("format") not in self._STATE_FORMATS:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"Not a {name} state of format {' or '.join(map(str, self._STATE_FORMATS))} (got {found!r}); "
-                f"it must come from {name}.state_dict()."
-            )
-        ours, theirs = self._state_config(), state["config"]
-        diffs = [f"{k}={theirs.get(k)!r} (this env: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
-        if diffs:
-            raise ValueError(
-                f"Cannot load the {name} state: it was saved from an env with {', '.join(diffs)}. Build the "
-                "env with the same scenario, agent_conf, agent_obsk and num_envs as the saved one."
-            )
+        check_saved_state(
+            name,
+            state,
+            self._STATE_FORMATS,
+            self._state_config(),
+            "Build the env with the same scenario, agent_conf, agent_obsk and num_envs as the saved one.",
+        )
         signature = mujoco.mjtState.mjSTATE_INTEGRATION
         size = mujoco.mj_stateSize(self._sims[0].model, signature)
         physics = state["physics"]

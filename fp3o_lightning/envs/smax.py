@@ -73,6 +73,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from fp3o_lightning.envs.state import check_saved_state
+
 __all__ = ["PAPER_MAPS", "SMAC_ONLY_MAPS", "SMAX_MAPS", "SMAXEnv", "clear_compile_cache"]
 
 #: JaxMARL 0.2's SMAX scenarios (``jaxmarl.environments.smax.smax_env.MAP_NAME_TO_SCENARIO``): SMAC map
@@ -523,18 +525,13 @@ class SMAXEnv(EnvBase):
         import jax
 
         name = type(self).__name__
-        if not isinstance(state, dict) or state.get("format") != self._STATE_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"Not a {name} state of format {self._STATE_FORMAT} (got {found!r}); it must come from "
-                f"{name}.state_dict()."
-            )
-        ours, theirs = self._state_config(), state["config"]
-        diffs = [f"{k}={theirs.get(k)!r} (this env: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
-        if diffs:
-            raise ValueError(
-                f"Cannot load the {name} state: it was saved from an env with {', '.join(diffs)}."
-            )
+        check_saved_state(
+            name,
+            state,
+            (self._STATE_FORMAT,),
+            self._state_config(),
+            "Build the env with the same map_name, SMAX options and num_envs as the saved one.",
+        )
         keys = state["keys"].numpy()
         if keys.shape != self._key_shape():
             raise ValueError(f"Cannot load the {name} state: its keys have shape {keys.shape}.")

@@ -58,6 +58,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from fp3o_lightning.envs.state import check_saved_state
+
 __all__ = ["VMASEnv", "vmas_scenarios"]
 
 
@@ -512,19 +514,13 @@ class VMASEnv(EnvBase):
                 ``num_envs`` or agents, or does not fit this env's simulation (other scenario arguments).
         """
         name = type(self).__name__
-        if not isinstance(state, dict) or state.get("format") != self._STATE_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"Not a {name} state of format {self._STATE_FORMAT} (got {found!r}); "
-                f"it must come from {name}.state_dict()."
-            )
-        ours, theirs = self._state_config(), state["config"]
-        diffs = [f"{k}={theirs.get(k)!r} (this env: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
-        if diffs:
-            raise ValueError(
-                f"Cannot load the {name} state: it was saved from an env with {', '.join(diffs)}. Build the "
-                "env with the same scenario, num_envs and scenario arguments as the saved one."
-            )
+        check_saved_state(
+            name,
+            state,
+            (self._STATE_FORMAT,),
+            self._state_config(),
+            "Build the env with the same scenario, num_envs and scenario arguments as the saved one.",
+        )
         elapsed = state["elapsed"]
         if tuple(elapsed.shape) != (self.num_envs,):
             raise ValueError(
