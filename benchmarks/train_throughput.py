@@ -17,26 +17,15 @@ import lightning as L
 import torch
 import yaml
 from env_throughput import env_frames_per_second
-from lightning.pytorch.loggers import Logger
 
 from fp3o_lightning.envs import make_env
+from fp3o_lightning.loggers import MetricsRecorder
 from fp3o_lightning.module import FP3OModule
 
 
-class FpsRecorder(Logger):
-    """Keeps the per-iteration ``train/fps`` the module logs."""
-
-    name, version = "fps", "0"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fps: list[float] = []
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.fps.append(metrics["train/fps"])
+def steady(values: list[float]) -> float:
+    """The mean without the first (warm-up) iteration, when there is more than one."""
+    return statistics.mean(values[1:] if len(values) > 1 else values)
 
 
 def main() -> None:
@@ -60,7 +49,7 @@ def main() -> None:
     env_fps = env_frames_per_second(env, steps=frames_per_batch, seed=0)
     env.close()
 
-    recorder = FpsRecorder()
+    recorder = MetricsRecorder()
     module = FP3OModule(**model)
     trainer = L.Trainer(
         accelerator=args.accelerator,
@@ -74,7 +63,7 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(module)
     wall = time.perf_counter() - start
-    train_fps = statistics.mean(recorder.fps[1:]) if len(recorder.fps) > 1 else recorder.fps[0]
+    train_fps = steady(recorder.series("train/fps"))
 
     env_name = " ".join(str(v) for k, v in model["env"].items() if k in ("scenario", "agent_conf"))
     print(
@@ -87,6 +76,9 @@ def main() -> None:
     print(f"{'env only (random actions)':<40} {env_fps:>10.0f}")
     print(f"{'training (steady state, per iteration)':<40} {train_fps:>10.0f}")
     print(f"{'training (whole fit incl. setup)':<40} {args.iterations * frames_per_batch / wall:>10.0f}")
+    collect, update = (steady(recorder.series(f"train/{part}_seconds")) for part in ("collect", "update"))
+    print(f"{'  per iteration: collection (s)':<40} {collect:>10.2f}")
+    print(f"{'  per iteration: GAE + update (s)':<40} {update:>10.2f}")
     print("-" * 52)
     print(f"{'ratio training / env only':<40} {train_fps / env_fps:>10.2f}")
 

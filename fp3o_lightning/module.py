@@ -407,6 +407,7 @@ class FP3OModule(L.LightningModule):
     def training_step(self, iteration: int, batch_idx: int) -> None:
         start = time.perf_counter()
         rollout = next(self._rollouts)
+        collected = time.perf_counter()
         self._runtime["skipped"] = torch.zeros(2, device=self.device)  # non-finite [losses, gradients]
         self._runtime["steps"] = 0
         bad = self.nonfinite_keys(rollout)
@@ -426,7 +427,10 @@ class FP3OModule(L.LightningModule):
         start_ratio, end_kl = stats.pop("start_ratio"), stats.pop("end_kl")
         stats.update(diagnostics.summaries(start_ratio, end_kl, self.hparams.clip_epsilon))
         stats["explained_variance"] = value_explained
-        stats["fps"] = torch.tensor(rollout.numel() / (time.perf_counter() - start))
+        end = time.perf_counter()
+        stats["fps"] = torch.tensor(rollout.numel() / (end - start))
+        stats["collect_seconds"] = torch.tensor(collected - start)
+        stats["update_seconds"] = torch.tensor(end - collected)  # host time (CUDA may still be busy)
         self.log_iteration(rollout, stats)
         interval = self.hparams.diagnostics_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
