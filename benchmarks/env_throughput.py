@@ -81,6 +81,14 @@ def torchrl_variant(name: str, env: EnvBase, actions: np.ndarray, in_workers: bo
     return _Variant(name, env.batch_size.numel(), iteration, env.close, in_process=not in_workers)
 
 
+def env_frames_per_second(env: EnvBase, steps: int, seed: int) -> float:
+    """Frames/s of any of the package's environments stepped with one fixed random action from its spec."""
+    torch.manual_seed(seed)
+    variant = torchrl_variant("env", env, env.full_action_spec[("agents", "action")].rand().numpy())
+    variant.run(steps)
+    return variant.fps[0]
+
+
 def plain_variant(
     scenario: str,
     agent_conf: str | None,
