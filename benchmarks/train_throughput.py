@@ -18,7 +18,7 @@ import torch
 import yaml
 from env_throughput import env_frames_per_second
 
-from fp3o_lightning.envs import make_env
+from fp3o_lightning.envs import make_env, task_name
 from fp3o_lightning.loggers import MetricsRecorder
 from fp3o_lightning.module import FP3OModule
 
@@ -65,7 +65,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     train_fps = steady(recorder.series("train/fps"))
 
-    env_name = " ".join(str(v) for k, v in model["env"].items() if k in ("scenario", "agent_conf"))
+    env_name = f"{model['env']['name']} {task_name(model['env'])}"
     print(
         f"\n{env_name}, sharing={model.get('sharing', 'nops')}, num_envs={model.get('num_envs', 4)}, "
         f"{frames_per_batch} frames/iteration, {args.iterations} iterations on "

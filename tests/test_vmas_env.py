@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import lightning as L
 import pytest
 import torch
 from tensordict import TensorDict
@@ -15,6 +16,9 @@ from torchrl.envs.libs.vmas import VmasEnv  # noqa: E402
 
 from fp3o_lightning.envs import make_env  # noqa: E402
 from fp3o_lightning.envs.vmas import VMASEnv, vmas_scenarios  # noqa: E402
+from fp3o_lightning.module import FP3OModule  # noqa: E402
+
+from .conftest import fit_quietly  # noqa: E402
 
 
 def _random_actions(env: VMASEnv, steps: int, seed: int) -> torch.Tensor:
@@ -280,21 +284,29 @@ def test_simulates_on_cuda() -> None:
     assert (first == again).all()
 
 
-def test_make_env_and_one_training_iteration() -> None:
-    """Through the registry, one MAPPO iteration."""
+class _DeviceProbe(L.Callback):
+    """Records where the collector's environment and the rollout data live during training."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, *args) -> None:
+        self.env_device = module._collector.env.device
+        self.module_device = module.device
+
+
+@pytest.mark.parametrize("algorithm", ["mappo", "fp3o"])
+@pytest.mark.parametrize(
+    "accelerator",
+    ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_training_runs_the_whole_loop_on_the_training_device(algorithm: str, accelerator: str) -> None:
+    """Through the registry: the environment is simulated where the module trains (CUDA when used)."""
     env = make_env("vmas", scenario="balance", num_envs=2, n_agents=3)
     assert isinstance(env, VMASEnv) and env.n_agents == 3
-
-    import lightning as L
-
-    from fp3o_lightning.module import FP3OModule
-
     module = FP3OModule(
         env={"name": "vmas", "scenario": "balance", "max_episode_steps": 20},
         num_envs=2,
         rollout_length=32,
-        total_frames=64,
-        algorithm="mappo",
+        total_frames=128,
+        algorithm=algorithm,
         sharing="fups",
         num_minibatches=2,
         ppo_epochs=1,
@@ -302,15 +314,9 @@ def test_make_env_and_one_training_iteration() -> None:
         diagnostics_interval=0,
         checkpoint_interval=0,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+    probe = _DeviceProbe()
+    fit_quietly(module, accelerator=accelerator, callbacks=[probe])
+    assert module.frames == 128 and module.iteration == 2
+    assert probe.env_device == probe.module_device and probe.module_device.type == accelerator.replace(
+        "gpu", "cuda"
     )
-    trainer.fit(module)
-    assert module.frames == 64 and module.iteration == 1
