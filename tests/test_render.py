@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import subprocess
+import sys
 import types
 
 import imageio.v2 as imageio
@@ -121,12 +123,42 @@ def test_render_episode_writes_every_step(tmp_path, suffix: str) -> None:
             assert reader.get_meta_data()["fps"] == 20.0
 
 
+RENDER_TWICE = """
+import contextlib, sys
+import numpy as np
+from fp3o_lightning import render
+from fp3o_lightning.module import FP3OModule
+
+videos = []
+
+@contextlib.contextmanager
+def keep_frames(path, fps):
+    videos.append([])
+    yield lambda frame: videos[-1].append(frame.copy())
+
+render._frame_writer = keep_frames
+module = FP3OModule(**{tiny!r}, total_frames=10)
+render.render_episode(module, "a.gif", seed=3, fps=10, width={w}, height={h})
+render.render_episode(module, "b.gif", steps=4, seed=3, fps=10, width={w}, height={h})
+np.save("frames.npy", np.array(videos[0][:5] + videos[1] + [videos[0][-1]]))
+print(len(videos[0]), len(videos[1]))
+"""
+
+
 def test_render_episode_stops_at_episode_end_and_is_deterministic(tmp_path) -> None:
-    module = tiny_module()
-    first = gif_frames(render_episode(module, tmp_path / "a.gif", seed=3, fps=10, width=W, height=H))
-    assert len(first) == ENV["max_episode_steps"] + 1  # steps=None: the whole (truncated) episode
-    second = gif_frames(render_episode(module, tmp_path / "b.gif", steps=4, seed=3, width=W, height=H))
-    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=False))
+    """On the rendered frames themselves (a GIF merges identical consecutive frames), in a fresh
+    process as `fp3o render` runs: in a test process where many MuJoCo renderers came and went,
+    Mesa's EGL sometimes draws black frames after a new renderer's first frame (not understood yet)."""
+    script = RENDER_TWICE.format(tiny=TINY, w=W, h=H)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == [str(ENV["max_episode_steps"] + 1), "5"]  # whole episode; 4 steps
+    frames = np.load(tmp_path / "frames.npy")
+    first, second, last = frames[:5], frames[5:10], frames[10]
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first[0], last)
 
 
 def test_render_episode_rejects_bad_output_and_non_rendering_envs(tmp_path, monkeypatch) -> None:
