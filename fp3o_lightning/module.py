@@ -434,7 +434,7 @@ class FP3OModule(L.LightningModule):
         self.log_iteration(rollout, stats)
         interval = self.hparams.diagnostics_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
-            self.log_diagnostics_figure(start_ratio, end_kl)
+            self.log_diagnostics_figure(start_ratio, end_kl, stats.get("update_order"))
 
     def nonfinite_keys(self, rollout: TensorDictBase) -> list[Any]:
         """The rollout keys holding a NaN or Inf (one host sync; agreed across DDP processes)."""
@@ -734,13 +734,16 @@ class FP3OModule(L.LightningModule):
         self.log("frames", float(self.frames), prog_bar=True, logger=False, batch_size=1)
         self.log("iteration", float(self.iteration), logger=False, batch_size=1)  # checkpoint names
 
-    def log_diagnostics_figure(self, start_ratio: Tensor, end_kl: Tensor) -> None:
-        """Log the per-agent ratio/KL distributions of this iteration as an MLflow figure."""
+    def log_diagnostics_figure(
+        self, start_ratio: Tensor, end_kl: Tensor, order: Tensor | None = None
+    ) -> None:
+        """Log the per-agent ratio/KL distributions of this iteration as an MLflow figure (agents in
+        ``order``, HAPPO's update order, when given)."""
         hp = self.hparams
         for logger in self.loggers:
             if isinstance(logger, MLFlowLogger) and self.global_rank == 0:
                 title = f"{hp.algorithm} {hp.sharing} {task_name(hp.env)}, iteration {self.iteration}"
-                figure = diagnostics.ratio_kl_figure(start_ratio, end_kl, hp.clip_epsilon, title)
+                figure = diagnostics.ratio_kl_figure(start_ratio, end_kl, hp.clip_epsilon, title, order)
                 path = f"diagnostics/ratio_kl_iteration_{self.iteration:06d}.png"
                 logger.experiment.log_figure(logger.run_id, figure, path)
 
