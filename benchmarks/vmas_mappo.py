@@ -44,14 +44,18 @@ import importlib.util
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-FRAMES_PER_BATCH = 6000
-NUM_ENVS = 10
-MINIBATCH_SIZE = 400
-TASK = {"scenario": "balance", "n_agents": 4, "max_episode_steps": 100}
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "vmas" / "balance.yaml"
+MODEL = yaml.safe_load(CONFIG.read_text())["model"]  # BenchMARL's on-policy defaults
+NUM_ENVS = MODEL["num_envs"]
+FRAMES_PER_BATCH = NUM_ENVS * MODEL["rollout_length"]
+MINIBATCH_SIZE = FRAMES_PER_BATCH // MODEL["num_minibatches"]
+TASK = {k: v for k, v in MODEL["env"].items() if k != "name"}
 
 
 def run_ours(args: argparse.Namespace) -> list[float]:
@@ -72,29 +76,10 @@ def run_ours(args: argparse.Namespace) -> list[float]:
             ret = (logger.series("train/episode_return") or [float("nan")])[-1]
             print(f"ours: iteration {module.iteration}: {fps:,.0f} frames/s, return {ret:.2f}", flush=True)
 
-    module = FP3OModule(
-        env={"name": "vmas", **TASK},
-        num_envs=NUM_ENVS,
-        rollout_length=FRAMES_PER_BATCH // NUM_ENVS,
-        total_frames=args.iterations * FRAMES_PER_BATCH,
-        algorithm="mappo",
-        sharing="fups",
-        actor_lr=5e-5,
-        critic_lr=5e-5,
-        gamma=0.99,
-        gae_lambda=args.gae_lambda,
-        clip_epsilon=0.2,
-        ppo_epochs=args.ppo_epochs,
-        num_minibatches=FRAMES_PER_BATCH // MINIBATCH_SIZE,
-        entropy_coef=0.0,
-        max_grad_norm=5.0,
-        hidden_size=256,
-        depth=2,
-        seed=args.seed,
-        eval_interval=0,
-        diagnostics_interval=0,
-        checkpoint_interval=0,
-    )
+    model = MODEL | {"algorithm": "mappo", "total_frames": args.iterations * FRAMES_PER_BATCH}
+    model |= {"ppo_epochs": args.ppo_epochs, "gae_lambda": args.gae_lambda, "seed": args.seed}
+    model |= {"eval_interval": 0, "diagnostics_interval": 0, "checkpoint_interval": 0}
+    module = FP3OModule(**model)
     logger = MetricsRecorder()
     trainer = L.Trainer(
         accelerator=args.accelerator,
@@ -205,8 +190,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.ppo_epochs_given, args.gae_lambda_given = args.ppo_epochs is not None, args.gae_lambda is not None
-    args.ppo_epochs = 45 if args.ppo_epochs is None else args.ppo_epochs
-    args.gae_lambda = 0.9 if args.gae_lambda is None else args.gae_lambda
+    args.ppo_epochs = MODEL["ppo_epochs"] if args.ppo_epochs is None else args.ppo_epochs
+    args.gae_lambda = MODEL["gae_lambda"] if args.gae_lambda is None else args.gae_lambda
     print(
         f"MAPPO on VMAS balance (4 agents, 100 steps): {FRAMES_PER_BATCH} frames per iteration "
         f"({NUM_ENVS} envs), minibatches of {MINIBATCH_SIZE}, {args.ppo_epochs} passes, lambda "

@@ -22,7 +22,7 @@ from .conftest import SMALL, fit_quietly, small_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_CONFIGS = [ROOT / "configs" / "quickstart.yaml"] + sorted(
-    path for env in ("mamujoco", "smax", "smacv2") for path in (ROOT / "configs" / env).glob("*.yaml")
+    path for env in ("mamujoco", "smax", "smacv2", "vmas") for path in (ROOT / "configs" / env).glob("*.yaml")
 )
 PART_CONFIGS = sorted((ROOT / "configs" / "algorithms").glob("*.yaml")) + sorted(
     (ROOT / "configs" / "sharing").glob("*.yaml")
@@ -83,7 +83,7 @@ def print_config(capsys, *args: str) -> str:
 @pytest.mark.parametrize("config", TASK_CONFIGS, ids=lambda p: p.stem)
 def test_task_configs_parse(config, capsys):
     printed = print_config(capsys, "--config", str(config))
-    assert "clip_epsilon" in printed and ("scenario" in printed or f"map_name: {config.stem}" in printed)
+    assert "clip_epsilon" in printed and ("scenario: " in printed or f"map_name: {config.stem}" in printed)
 
 
 def test_smax_config_builds_the_paper_setup():
