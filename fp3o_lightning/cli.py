@@ -167,12 +167,14 @@ COMMANDS = {
 
 #: Lightning messages that say nothing about an ``fp3o`` run: an advertisement, the notice that the
 #: module's checkpoint callbacks replace the default one (by design), a deprecation inside Lightning
-#: under recent torch, and the logging interval (the module logs every iteration itself).
+#: under recent torch, the logging interval (the module logs every iteration itself), and the run's
+#: own checkpoint directory being non-empty when it resumes (by design).
 QUIET_MESSAGES = (
     "💡 Tip",
     "will override existing callbacks",
     "`isinstance(treespec, LeafSpec)` is deprecated",
     "smaller than the logging interval",
+    "exists and is not empty",
 )
 
 
