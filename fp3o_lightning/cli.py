@@ -167,14 +167,16 @@ COMMANDS = {
 
 #: Lightning messages that say nothing about an ``fp3o`` run: an advertisement, the notice that the
 #: module's checkpoint callbacks replace the default one (by design), a deprecation inside Lightning
-#: under recent torch, the logging interval (the module logs every iteration itself), and the run's
-#: own checkpoint directory being non-empty when it resumes (by design).
+#: under recent torch, the logging interval (the module logs every iteration itself), and, when a run
+#: resumes, its own non-empty checkpoint directory and a "dataloader is not resumable" warning (the
+#: training iterable restarts at the checkpoint's iteration by itself).
 QUIET_MESSAGES = (
     "💡 Tip",
     "will override existing callbacks",
     "`isinstance(treespec, LeafSpec)` is deprecated",
     "smaller than the logging interval",
     "exists and is not empty",
+    "your dataloader is not resumable",
 )
 
 
