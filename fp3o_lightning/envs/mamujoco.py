@@ -67,9 +67,10 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Bounded
 from torchrl.envs import EnvBase
 
+from fp3o_lightning.envs.specs import set_contract_specs
 from fp3o_lightning.envs.state import check_saved_state
 
 __all__ = [
@@ -698,33 +699,8 @@ class MaMuJoCoEnv(EnvBase):
         n, a = self.num_envs, self.n_agents
         low = torch.from_numpy(self._act_low).expand(n, a, self.max_action_dim).clone()
         high = torch.from_numpy(self._act_high).expand(n, a, self.max_action_dim).clone()
-        self.observation_spec = Composite(
-            agents=Composite(
-                observation=Unbounded(
-                    shape=(n, a, self.max_obs_dim), dtype=torch.float32, device=self.device
-                ),
-                shape=(n, a),
-                device=self.device,
-            ),
-            state=Unbounded(shape=(n, self.state_size), dtype=torch.float32, device=self.device),
-            faulted=Categorical(2, shape=(n, 1), dtype=torch.bool, device=self.device),
-            shape=(n,),
-            device=self.device,
-        )
-        self.action_spec = Composite(
-            agents=Composite(
-                action=Bounded(low=low, high=high, shape=(n, a, self.max_action_dim), device=self.device),
-                shape=(n, a),
-                device=self.device,
-            ),
-            shape=(n,),
-            device=self.device,
-        )
-        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32, device=self.device)
-        done = Categorical(2, shape=(n, 1), dtype=torch.bool, device=self.device)
-        self.done_spec = Composite(
-            done=done.clone(), terminated=done.clone(), truncated=done.clone(), shape=(n,), device=self.device
-        )
+        action = Bounded(low=low, high=high, shape=(n, a, self.max_action_dim), device=self.device)
+        set_contract_specs(self, self.max_obs_dim, self.state_size, action, flags=("faulted",))
 
     # ------------------------------------------------------------------ core
     def _bind(self, i: int) -> None:

@@ -76,11 +76,12 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Categorical, Composite, Unbounded
+from torchrl.data import Categorical
 from torchrl.envs import EnvBase
 from torchrl.envs.libs.smacv2 import SMACv2Env
 
 from fp3o_lightning.envs.mamujoco import EnvFaultWarning
+from fp3o_lightning.envs.specs import set_contract_specs
 
 __all__ = [
     "SMAC_MAPS",
@@ -475,33 +476,10 @@ class SMACv2TaskEnv(EnvBase):
         self.max_episode_steps = int(env.episode_limit)
 
     def _make_specs(self) -> None:
-        n, a, dev = self.num_envs, self.n_agents, self.device
-        flag = Categorical(2, shape=(n, 1), dtype=torch.bool, device=dev)
-        self.observation_spec = Composite(
-            agents=Composite(
-                observation=Unbounded(shape=(n, a, self.obs_size), dtype=torch.float32, device=dev),
-                action_mask=Categorical(2, shape=(n, a, self.n_actions), dtype=torch.bool, device=dev),
-                shape=(n, a),
-                device=dev,
-            ),
-            state=Unbounded(shape=(n, self.state_size), dtype=torch.float32, device=dev),
-            won=flag.clone(),
-            faulted=flag.clone(),
-            shape=(n,),
-            device=dev,
-        )
-        self.action_spec = Composite(
-            agents=Composite(
-                action=Categorical(self.n_actions, shape=(n, a), dtype=torch.int64, device=dev),
-                shape=(n, a),
-                device=dev,
-            ),
-            shape=(n,),
-            device=dev,
-        )
-        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32, device=dev)
-        self.done_spec = Composite(
-            done=flag.clone(), terminated=flag.clone(), truncated=flag.clone(), shape=(n,), device=dev
+        n, a, k = self.num_envs, self.n_agents, self.n_actions
+        action = Categorical(k, shape=(n, a), dtype=torch.int64, device=self.device)
+        set_contract_specs(
+            self, self.obs_size, self.state_size, action, n_actions=k, flags=("won", "faulted")
         )
 
     def sub_seed(self, index: int, fault: int = 0) -> int | None:

@@ -70,9 +70,10 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Binary, Categorical, Composite, Unbounded
+from torchrl.data import Categorical
 from torchrl.envs import EnvBase
 
+from fp3o_lightning.envs.specs import set_contract_specs
 from fp3o_lightning.envs.state import check_saved_state
 
 __all__ = ["PAPER_MAPS", "SMAC_ONLY_MAPS", "SMAX_MAPS", "SMAXEnv", "clear_compile_cache"]
@@ -390,33 +391,8 @@ class SMAXEnv(EnvBase):
 
     def _make_specs(self) -> None:
         n, a, k = self.num_envs, self.n_agents, self.n_actions
-        device = self.device
-        self.observation_spec = Composite(
-            agents=Composite(
-                observation=Unbounded(shape=(n, a, self.obs_size), dtype=torch.float32, device=device),
-                action_mask=Binary(n=k, shape=(n, a, k), dtype=torch.bool, device=device),
-                shape=(n, a),
-                device=device,
-            ),
-            state=Unbounded(shape=(n, self.state_size), dtype=torch.float32, device=device),
-            won=Categorical(2, shape=(n, 1), dtype=torch.bool, device=device),
-            shape=(n,),
-            device=device,
-        )
-        self.action_spec = Composite(
-            agents=Composite(
-                action=Categorical(k, shape=(n, a), dtype=torch.int64, device=device),
-                shape=(n, a),
-                device=device,
-            ),
-            shape=(n,),
-            device=device,
-        )
-        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32, device=device)
-        done = Categorical(2, shape=(n, 1), dtype=torch.bool, device=device)
-        self.done_spec = Composite(
-            done=done.clone(), terminated=done.clone(), truncated=done.clone(), shape=(n,), device=device
-        )
+        action = Categorical(k, shape=(n, a), dtype=torch.int64, device=self.device)
+        set_contract_specs(self, self.obs_size, self.state_size, action, n_actions=k, flags=("won",))
 
     # ------------------------------------------------------------------ core
     def _put(self, array: np.ndarray) -> Any:

@@ -55,9 +55,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Bounded
 from torchrl.envs import EnvBase
 
+from fp3o_lightning.envs.specs import set_contract_specs
 from fp3o_lightning.envs.state import check_saved_state
 
 __all__ = ["VMASEnv", "vmas_scenarios"]
@@ -296,34 +297,11 @@ class VMASEnv(EnvBase):
 
     # ------------------------------------------------------------------ setup
     def _make_specs(self, low: torch.Tensor, high: torch.Tensor) -> None:
-        n, a, device = self.num_envs, self.n_agents, self.device
-        self.observation_spec = Composite(
-            agents=Composite(
-                observation=Unbounded(shape=(n, a, self.max_obs_dim), dtype=torch.float32, device=device),
-                shape=(n, a),
-                device=device,
-            ),
-            state=Unbounded(shape=(n, self.state_size), dtype=torch.float32, device=device),
-            shape=(n,),
-            device=device,
+        shape = (self.num_envs, self.n_agents, self.max_action_dim)
+        action = Bounded(
+            low=low.expand(shape).clone(), high=high.expand(shape).clone(), shape=shape, device=self.device
         )
-        shape = (n, a, self.max_action_dim)
-        self.action_spec = Composite(
-            agents=Composite(
-                action=Bounded(
-                    low=low.expand(shape).clone(), high=high.expand(shape).clone(), shape=shape, device=device
-                ),
-                shape=(n, a),
-                device=device,
-            ),
-            shape=(n,),
-            device=device,
-        )
-        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32, device=device)
-        done = Categorical(2, shape=(n, 1), dtype=torch.bool, device=device)
-        self.done_spec = Composite(
-            done=done.clone(), terminated=done.clone(), truncated=done.clone(), shape=(n,), device=device
-        )
+        set_contract_specs(self, self.max_obs_dim, self.state_size, action)
 
     # ------------------------------------------------------------------ randomness
     def _reseed(self, seed: int | None) -> None:
