@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from fp3o_lightning.module import FP3OModule
+from fp3o_lightning.module import LOG_PROB, FP3OModule
 
 SMALL = {
     "env": {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 100},
@@ -51,10 +51,25 @@ def fitted_module() -> FP3OModule:
     return module
 
 
-def rollout_batch(module: FP3OModule, steps: int = 64):
-    """A fresh rollout of the current policy (sampled actions, as in training), as the flat update batch."""
-    env = module.make_env(seed=123)
-    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+def sampled_rollout(module: FP3OModule, steps: int = 64, seed: int = 123, exploration=ExplorationType.RANDOM):
+    """A fresh ``[num_envs, steps]`` rollout of the current policy (sampled actions, as in training)."""
+    env = module.make_env(seed=seed)
+    with torch.no_grad(), set_exploration_type(exploration):
         rollout = env.rollout(steps, module.make_actor(), break_when_any_done=False)
     env.close()
-    return module.compute_advantages(rollout)[0]
+    return rollout
+
+
+def rollout_batch(module: FP3OModule, steps: int = 64):
+    """A fresh sampled rollout of the current policy as the flat update batch."""
+    return module.compute_advantages(sampled_rollout(module, steps))[0]
+
+
+def assert_update_replays_the_rollout(module: FP3OModule, rollout) -> None:
+    """The log-probs the update recomputes equal the collector's, and every agent's update starts at
+    ratio exactly 1 (for a recurrent actor: the hidden states were carried and replayed right)."""
+    collected = rollout[LOG_PROB].reshape(-1, module.n_agents).clone()
+    batch = module.compute_advantages(rollout)[0]
+    torch.testing.assert_close(batch[LOG_PROB], collected, rtol=0, atol=1e-4)
+    stats = module.scheme.update(module, batch)
+    assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))

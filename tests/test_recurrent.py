@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from fp3o_lightning.module import HIDDEN, LOG_PROB
+from fp3o_lightning.module import HIDDEN
 from fp3o_lightning.render import render_episode
 
-from .conftest import fit_quietly, small_module
+from .conftest import assert_update_replays_the_rollout, fit_quietly, sampled_rollout, small_module
 
 RNN = {"actor_network": "rnn", "data_chunk_length": 8, "hidden_size": 16}
 
@@ -18,18 +17,10 @@ RNN = {"actor_network": "rnn", "data_chunk_length": 8, "hidden_size": 16}
 def test_replayed_log_probs_equal_the_rollouts_and_start_at_ratio_one(sharing):
     module = small_module(sharing=sharing, **RNN)
     fit_quietly(module)  # one iteration: the GRU's parameters are no longer at their initial values
-    env = module.make_env(seed=7)
-    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        rollout = env.rollout(64, module.make_actor(), break_when_any_done=False)
-    env.close()
+    rollout = sampled_rollout(module, 64, seed=7)
     assert rollout["next", "done"].any()  # episodes end inside the rollout: resets are replayed too
-    hidden = rollout[HIDDEN]
-    assert hidden[:, 1:].abs().sum() > 0  # carried from step to step, not re-primed
-    collected = rollout[LOG_PROB].reshape(-1, module.n_agents).clone()
-    batch = module.compute_advantages(rollout)[0]
-    torch.testing.assert_close(batch[LOG_PROB], collected, rtol=0, atol=1e-4)
-    stats = module.scheme.update(module, batch)
-    assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
+    assert rollout[HIDDEN][:, 1:].abs().sum() > 0  # carried from step to step, not re-primed
+    assert_update_replays_the_rollout(module, rollout)
 
 
 def test_recurrent_training_logs_and_validates_chunks():

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.envs.utils import ExplorationType
 
 from fp3o_lightning.loggers import MetricsRecorder
-from fp3o_lightning.module import ACTION, ACTION_MASK, LOG_PROB, FP3OModule
+from fp3o_lightning.module import ACTION, ACTION_MASK, FP3OModule
 
-from .conftest import fit_quietly
+from .conftest import assert_update_replays_the_rollout, fit_quietly, sampled_rollout
 
 pytest.importorskip("jaxmarl", reason="the SMAX env needs `pip install -e '.[smax]'`")
 
@@ -26,19 +25,11 @@ SMAX = {
 }
 
 
-def rollout(module: FP3OModule, steps: int, exploration=ExplorationType.RANDOM):
-    env = module.make_env(seed=11)
-    with torch.no_grad(), set_exploration_type(exploration):
-        data = env.rollout(steps, module.make_actor(), break_when_any_done=False)
-    env.close()
-    return data
-
-
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
 def test_sampled_and_greedy_actions_respect_the_action_mask(sharing):
     module = FP3OModule(**SMAX, sharing=sharing, total_frames=800, gain=1.0)  # gain 1: far from uniform
     for exploration in (ExplorationType.RANDOM, ExplorationType.DETERMINISTIC):
-        data = rollout(module, 100, exploration)
+        data = sampled_rollout(module, 100, seed=11, exploration=exploration)
         mask, action = data[ACTION_MASK], data[ACTION]
         assert action.numel() == 8 * 100 * 3  # 2,400 actions per exploration type
         assert (~mask).any()  # some actions are really masked (dead units, out of range)
@@ -49,13 +40,9 @@ def test_sampled_and_greedy_actions_respect_the_action_mask(sharing):
 def test_recurrent_actor_replays_the_rollouts_log_probs_and_starts_at_ratio_one():
     module = FP3OModule(**SMAX, sharing="paps", actor_network="rnn", data_chunk_length=10, total_frames=800)
     fit_quietly(module)
-    data = rollout(module, 100)
+    data = sampled_rollout(module, 100, seed=11)
     assert data["next", "done"].any()
-    collected = data[LOG_PROB].reshape(-1, module.n_agents).clone()
-    batch = module.compute_advantages(data)[0]
-    torch.testing.assert_close(batch[LOG_PROB], collected, rtol=0, atol=1e-4)
-    stats = module.scheme.update(module, batch)
-    assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
+    assert_update_replays_the_rollout(module, data)
 
 
 def test_fp3o_improves_the_return_on_3m():
