@@ -615,7 +615,6 @@ class FP3OModule(L.LightningModule):
                 # Gradient norms are all-reduced under DDP, so every process takes the same decision.
                 finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
                 skipped += torch.stack([~torch.isfinite(loss.detach()), ~finite]).float()
-                self._runtime["steps"] = self._runtime.get("steps", 0) + 1
                 for optimizer in trained:  # a non-finite step leaves everything as it was
                     skip_step_unless(optimizer.optimizer, finite)
                 if train_actor:
@@ -628,6 +627,7 @@ class FP3OModule(L.LightningModule):
                 if train_critic:
                     critic_optimizer.step()
                 totals += torch.stack([policy_loss, value_loss, entropy]).detach().nan_to_num()
+        self._runtime["steps"] = self._runtime.get("steps", 0) + hp.ppo_epochs * hp.num_minibatches
         policy_loss, value_loss, entropy = totals / (hp.ppo_epochs * hp.num_minibatches)
         stats: dict[str, Tensor] = {}
         if train_actor:
