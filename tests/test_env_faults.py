@@ -21,18 +21,49 @@ KWARGS = {"scenario": "Hopper", "agent_conf": "3x1", "num_envs": 3, "max_episode
 STEPS, FAULTY, CRASH_CALL = 12, 1, 5  # sub-env 1 raises on its 5th step call: output step index 4
 
 
-#: What the crashes are injected into: Gymnasium's physics step (``data.ctrl``, ``mj_step``,
-#: ``mj_rnePostConstraint``), which both of MaMuJoCoEnv's step paths call, its vectorised one (Hopper's) and
-#: the one through Gymnasium's ``step`` (see test_step_fault_on_the_gymnasium_step_path).
-STEP = "_step_mujoco_simulation"
+#: Stands for the physics step in ``_crash``: ``mujoco.mj_step`` on that simulator's ``MjData``, which both of
+#: MaMuJoCoEnv's step paths run, its vectorised one (Hopper's) and the one through Gymnasium's ``step`` (see
+#: test_step_fault_on_the_gymnasium_step_path).
+STEP = "mj_step"
 
 
 class SimulatedCrash(RuntimeError):
     """Stands for a simulator crash."""
 
 
+#: ``id(MjData)`` -> [the MjData (kept alive), crashing call or None for every call, calls so far, message].
+_PHYSICS_CRASHES: dict[int, list[Any]] = {}
+
+
+@pytest.fixture(autouse=True)
+def _crashable_physics(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``mujoco.mj_step`` raises where ``_crash(sim, STEP, ...)`` asked it to; clean after each test."""
+    import mujoco
+
+    original = mujoco.mj_step
+
+    def mj_step(model: Any, data: Any, *args: Any, **kwargs: Any) -> None:
+        crash = _PHYSICS_CRASHES.get(id(data))
+        if crash is not None:
+            crash[2] += 1
+            if crash[1] is None or crash[2] == crash[1]:
+                raise SimulatedCrash(crash[3])
+        original(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(mujoco, "mj_step", mj_step)
+    yield
+    _PHYSICS_CRASHES.clear()
+
+
 def _crash(obj: Any, method: str, on_call: int | None, message: str = "simulated crash") -> None:
-    """Make ``obj.method`` raise ``SimulatedCrash(message)`` on call ``on_call`` (on every call if None)."""
+    """Make ``obj.method`` raise ``SimulatedCrash(message)`` on call ``on_call`` (on every call if None).
+
+    ``method=STEP`` crashes the physics step of the simulator ``obj`` (its current ``MjData``; a rebuilt
+    sub-env has a new one).
+    """
+    if method == STEP:
+        _PHYSICS_CRASHES[id(obj.data)] = [obj.data, on_call, 0, message]
+        return
     original = getattr(obj, method)
     calls = 0
 

@@ -287,10 +287,12 @@ def test_make_env() -> None:
         make_env("smacv3", scenario="Hopper")
 
 
-def test_skipping_torchrl_step_processing_changes_nothing() -> None:
-    """``_step_proc_data`` is skipped (outputs are complete); with ``run_type_checks`` TorchRL's runs."""
-    fast = MaMuJoCoEnv("Hopper", "3x1", num_envs=2, max_episode_steps=15, seed=1)
-    checked = MaMuJoCoEnv("Hopper", "3x1", num_envs=2, max_episode_steps=15, seed=1)
+@pytest.mark.parametrize(("scenario", "agent_conf"), [("Hopper", "3x1"), ("Reacher", "2x1")])
+def test_skipping_torchrl_step_processing_changes_nothing(scenario: str, agent_conf: str) -> None:
+    """The lean ``step_and_maybe_reset`` and the skipped ``_step_proc_data`` give what TorchRL's generic
+    path gives (taken with ``run_type_checks``), across terminations, truncations and partial resets."""
+    fast = MaMuJoCoEnv(scenario, agent_conf, num_envs=2, max_episode_steps=15, seed=1)
+    checked = MaMuJoCoEnv(scenario, agent_conf, num_envs=2, max_episode_steps=15, seed=1)
     checked.run_type_checks = True
     actions = _random_actions(fast, 40, seed=3)
     out_fast, out_checked = _rollout(fast, actions), _rollout(checked, actions)

@@ -246,6 +246,8 @@ def _make_parallel_envs(
 #: The ``mjData`` arrays an observation may be gathered from (see :func:`_trace_gathers`), in the order of
 #: the per-sub-env source row.
 _SOURCE_FIELDS = ("qpos", "qvel", "qfrc_actuator", "cinert", "cvel", "cfrc_ext", "xpos")
+#: The ``MjData`` fields ``mj_rnePostConstraint`` computes (and nothing else does).
+_POST_CONSTRAINT_FIELDS = frozenset({"cacc", "cfrc_int", "cfrc_ext"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,9 +350,9 @@ def _clip(x: np.ndarray, low: Any, high: Any, out: np.ndarray, exact_min_max: bo
 class _Dynamics:
     """Gymnasium's reward and termination of one v5 locomotion task, vectorised over sub-envs.
 
-    Stepping a sub-env is then Gymnasium's own ``_step_mujoco_simulation`` (``ctrl``, ``mj_step`` times
-    ``frame_skip``, ``mj_rnePostConstraint``), without the rest of its ``step`` (observation, info dict,
-    scalar reward terms). :meth:`__call__` repeats the ``step``'s float64 arithmetic operation for operation,
+    Stepping a sub-env is then what Gymnasium's ``_step_mujoco_simulation`` runs (``ctrl``, ``mj_step`` times
+    ``frame_skip``, and ``mj_rnePostConstraint`` where an observation reads its outputs), without the rest of
+    its ``step`` (observation, info dict, scalar reward terms). :meth:`__call__` repeats the ``step``'s float64 arithmetic operation for operation,
     with the weights and ranges read from the Gymnasium env, so rewards and terminations are bit-identical
     (the tests compare them with Gymnasium's). Tasks are recognised by their exact class
     (:func:`_dynamics_for`); any other env keeps Gymnasium's ``step``.
@@ -685,12 +687,18 @@ class MaMuJoCoEnv(EnvBase):
         self._gather_bounds = (low, high) if clipped else None
         self._gather_min_max = bool((low != 0).all() and (high != 0).all())
         self._all_gathered = not self._fallback_agents
+        # Gymnasium's physics step ends with mj_rnePostConstraint, whose only outputs (cacc, cfrc_int,
+        # cfrc_ext) no later step reads: it is skipped where nothing observes them either.
+        self._post_constraint = bool(used & _POST_CONSTRAINT_FIELDS) or not (
+            self._all_gathered and self._state_gathered
+        )
 
         # Per sub-env: views of its source row shaped like the MjData fields (see _bind).
         self._src_shapes = {name: getattr(sim.data, name).shape for name, _, _ in self._src_fields}
         self._bound: list[Any] = [None] * self.num_envs
         self._copies: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(self.num_envs)]
         self._x_views: list[np.ndarray | None] = [None] * self.num_envs
+        self._ctrl: list[np.ndarray | None] = [None] * self.num_envs
         self._before = np.zeros(self.num_envs, dtype=np.float64)
         if self._dynamics is not None:
             self._dynamics.bind({name: self._src[:, start:stop] for name, start, stop in self._src_fields})
@@ -713,6 +721,7 @@ class MaMuJoCoEnv(EnvBase):
         ]
         if self._dynamics is not None:
             self._x_views[i] = getattr(data, self._dynamics.before_field)
+        self._ctrl[i] = data.ctrl
         self._bound[i] = data
 
     def _copy_sources(self, i: int) -> None:
@@ -816,9 +825,12 @@ class MaMuJoCoEnv(EnvBase):
 
     def _step_vectorised(self, global_action: np.ndarray) -> None:
         """Step every sub-env's physics, then compute all rewards and terminations at once."""
+        import mujoco  # imported once the env is built (after configure_headless_gl)
+
         dynamics, before, bound = self._dynamics, self._before, self._bound
         key = dynamics.before_key
         copy_only = self._all_gathered and self._state_gathered
+        post_constraint = self._post_constraint
         # Before the physics, which evicts numpy's code from the CPU caches (measurably slower after it).
         ctrl_cost = dynamics.control_cost(global_action)
         faulted = []
@@ -827,7 +839,11 @@ class MaMuJoCoEnv(EnvBase):
                 if sim.data is not bound[i]:
                     self._bind(i)
                 before[i] = self._x_views[i][key]
-                sim._step_mujoco_simulation(global_action[i], sim.frame_skip)  # what Gymnasium's step runs
+                # Gymnasium's _step_mujoco_simulation, with the ctrl view bound once.
+                self._ctrl[i][:] = global_action[i]
+                mujoco.mj_step(sim.model, bound[i], nstep=sim.frame_skip)
+                if post_constraint:
+                    mujoco.mj_rnePostConstraint(sim.model, bound[i])
                 if copy_only:  # self._read, inlined
                     for row, array in self._copies[i]:
                         row[...] = array
@@ -862,6 +878,31 @@ class MaMuJoCoEnv(EnvBase):
         if self.run_type_checks:
             return super()._step_proc_data(next_tensordict_out)
         return next_tensordict_out
+
+    def step_and_maybe_reset(self, tensordict: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
+        """TorchRL's ``step_and_maybe_reset`` (what collectors call), with the same results, faster.
+
+        Like TorchRL's own batched environments (``ParallelEnv``, ``SerialEnv``), this batched env overrides
+        it: for an input that needs none of ``EnvBase.step``'s generic handling (no partial ``"_step"``, no
+        preset ``"next"``, on the env's device, no type checks or hooks) it steps, applies TorchRL's
+        ``step_mdp``, and calls ``maybe_reset`` only when a sub-env finished. That saves about a tenth of a
+        HalfCheetah step. Any other input takes the generic path.
+        """
+        if (
+            self.run_type_checks
+            or self._post_step_mdp_hooks is not None
+            or self.__dict__.get("_torchrl_native_autoreset", False)
+            or tensordict.device != self.device
+            or tensordict.get("_step", None) is not None
+            or tensordict.get("next", None) is not None
+        ):
+            return super().step_and_maybe_reset(tensordict)
+        next_tensordict = self._step(tensordict)
+        tensordict._set_str("next", next_tensordict, validated=True, inplace=False, non_blocking=False)
+        tensordict_ = self._step_mdp(tensordict)
+        if self._terminated.any() or self._truncated.any():  # this step's done flags, still in the buffers
+            tensordict_ = self.maybe_reset(tensordict_)
+        return tensordict, tensordict_
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
         reset = None if tensordict is None else tensordict.get("_reset", None)
