@@ -350,12 +350,13 @@ def _clip(x: np.ndarray, low: Any, high: Any, out: np.ndarray, exact_min_max: bo
 class _Dynamics:
     """Gymnasium's reward and termination of one v5 locomotion task, vectorised over sub-envs.
 
-    Stepping a sub-env is then what Gymnasium's ``_step_mujoco_simulation`` runs (``ctrl``, ``mj_step`` times
-    ``frame_skip``, and ``mj_rnePostConstraint`` where an observation reads its outputs), without the rest of
-    its ``step`` (observation, info dict, scalar reward terms). :meth:`__call__` repeats the ``step``'s float64 arithmetic operation for operation,
-    with the weights and ranges read from the Gymnasium env, so rewards and terminations are bit-identical
-    (the tests compare them with Gymnasium's). Tasks are recognised by their exact class
-    (:func:`_dynamics_for`); any other env keeps Gymnasium's ``step``.
+    Stepping a sub-env is then what Gymnasium's ``_step_mujoco_simulation`` runs (``ctrl``, ``mj_step``
+    times ``frame_skip``, and ``mj_rnePostConstraint`` where an observation reads its outputs), without the
+    rest of its ``step`` (observation, info dict, scalar reward terms). :meth:`__call__` repeats the
+    ``step``'s float64 arithmetic operation for operation, with the weights and ranges read from the
+    Gymnasium env, so rewards and terminations are bit-identical (the tests compare them with Gymnasium's).
+    Tasks are recognised by their exact class (:func:`_dynamics_for`); any other env keeps Gymnasium's
+    ``step``.
 
     Attributes:
         kind: ``"forward"`` (HalfCheetah, Swimmer), ``"hopper"``, ``"walker"`` or ``"ant"``.
