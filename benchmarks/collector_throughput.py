@@ -19,20 +19,18 @@ import time
 import torch
 import yaml
 from torchrl.collectors import Collector, MultiSyncCollector
-from torchrl.envs import EnvBase, RewardSum, TransformedEnv
+from torchrl.envs import EnvBase
 
 from fp3o_lightning.envs import make_env
 from fp3o_lightning.module import FP3OModule
 
 
 def build_env(env: dict, num_envs: int, seed: int) -> EnvBase:
-    """The training environment as the module builds it (in a worker process too)."""
+    """The training environment as the module builds it for an MLP actor (in a worker process too)."""
     torch.set_num_threads(1)
-    transformed = TransformedEnv(
-        make_env(**env, num_envs=num_envs), RewardSum(in_keys=["reward"], out_keys=["episode_reward"])
-    )
-    transformed.set_seed(seed)
-    return transformed
+    built = make_env(**env, num_envs=num_envs)
+    built.set_seed(seed)
+    return built
 
 
 def seconds_per_batch(collector, batches: int) -> list[float]:

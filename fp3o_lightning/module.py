@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 from torchrl.collectors import Collector
 from torchrl.data import Categorical, Unbounded
-from torchrl.envs import Compose, EnvBase, InitTracker, RewardSum, TensorDictPrimer, TransformedEnv
+from torchrl.envs import Compose, EnvBase, InitTracker, TensorDictPrimer, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
@@ -271,7 +271,7 @@ class FP3OModule(L.LightningModule):
         """The policy as the collector's actor (see ``RolloutActor``)."""
         return RolloutActor(self.policy, self.masked)
 
-    def build_env(self, num_envs: int, episode_returns: bool = False, **env_options: Any) -> EnvBase:
+    def build_env(self, num_envs: int, **env_options: Any) -> EnvBase:
         """The configured environment with the transforms the actor needs.
 
         A recurrent actor gets TorchRL's ``InitTracker`` (``is_init``) and a primer that puts a zero
@@ -281,15 +281,16 @@ class FP3OModule(L.LightningModule):
         """
         hp = self.hparams
         device = self.device if getattr(env_class(hp.env["name"]), "simulates_on_device", False) else "cpu"
-        transforms = [RewardSum(in_keys=["reward"], out_keys=["episode_reward"])] if episode_returns else []
-        if self.policy.recurrent:
-            hidden = Unbounded(shape=(self.n_agents, hp.hidden_size), device=device)
-            transforms += [InitTracker(), TensorDictPrimer({HIDDEN: hidden}, expand_specs=True)]
         env = make_env(**hp.env, **env_options, num_envs=num_envs, device=device)
-        return TransformedEnv(env, Compose(*transforms)) if transforms else env
+        if not self.policy.recurrent:
+            return env  # untransformed, so that the collector takes the env's own step_and_maybe_reset
+        hidden = Unbounded(shape=(self.n_agents, hp.hidden_size), device=device)
+        return TransformedEnv(
+            env, Compose(InitTracker(), TensorDictPrimer({HIDDEN: hidden}, expand_specs=True))
+        )
 
     def make_env(self, seed: int) -> EnvBase:
-        env = self.build_env(self.hparams.num_envs, episode_returns=True)
+        env = self.build_env(self.hparams.num_envs)
         env.set_seed(seed)
         return env
 
@@ -307,6 +308,10 @@ class FP3OModule(L.LightningModule):
         seed = self.hparams.seed + 1000 * self.global_rank
         L.seed_everything(seed, verbose=False)  # action sampling draws from the global generator
         self.schedule_evaluation()
+        # The return so far of each environment's current episode (see episode_returns).
+        self._runtime["running_return"] = torch.zeros(
+            self.hparams.num_envs, dtype=torch.float64, device=self.device
+        )
         self._collector = Collector(
             self.make_env(seed),
             self.make_actor(),
@@ -325,22 +330,35 @@ class FP3OModule(L.LightningModule):
         self._rollouts = iter(self._collector)
         self.tag_runs()
 
+    @property
+    def base_env(self) -> EnvBase:
+        """The collector's environment without its transforms."""
+        env = self._collector.env
+        return env.base_env if isinstance(env, TransformedEnv) else env
+
     def collector_state(self) -> dict[str, Any]:
-        """The environments' state and the observation the collector carries into the next rollout.
+        """The environments' state, the observation the collector carries into the next rollout and
+        the running episode returns.
 
         TorchRL's ``Collector.state_dict()`` keeps neither a ``TransformedEnv``'s base environment
         nor the carried observation (``_carrier``), both needed to continue bit-exactly.
         """
         carrier = self._collector._carrier
         return {
-            "env": self._collector.env.base_env.state_dict(),
+            "env": self.base_env.state_dict(),
             "carrier": carrier.cpu().to_dict(),
             "batch_size": list(carrier.batch_size),
+            "running_return": self._runtime["running_return"].cpu(),
         }
 
     def load_collector_state(self, state: dict[str, Any]) -> None:
-        self._collector.env.base_env.load_state_dict(state["env"])
+        self.base_env.load_state_dict(state["env"])
         carrier = TensorDict(state["carrier"], batch_size=state["batch_size"])
+        # Checkpoints before 0.3 carried the running returns in the carrier, from TorchRL's RewardSum.
+        legacy = carrier.pop("episode_reward", None)
+        running = state.get("running_return", None if legacy is None else legacy.squeeze(-1))
+        if running is not None:
+            self._runtime["running_return"] = running.to(self.device, torch.float64)
         self._collector._carrier.update(carrier.to(self._collector._carrier.device))
 
     def tag_runs(self) -> None:
@@ -408,6 +426,10 @@ class FP3OModule(L.LightningModule):
         start = time.perf_counter()
         rollout = next(self._rollouts)
         collected = time.perf_counter()
+        so_far, self._runtime["running_return"] = episode_returns(
+            rollout["next", "reward"], rollout["next", "done"], self._runtime["running_return"]
+        )
+        returns = so_far[finished_episodes(rollout)]
         self._runtime["skipped"] = torch.zeros(2, device=self.device)  # non-finite [losses, gradients]
         self._runtime["steps"] = 0
         bad = self.nonfinite_keys(rollout)
@@ -431,7 +453,7 @@ class FP3OModule(L.LightningModule):
         stats["fps"] = torch.tensor(rollout.numel() / (end - start))
         stats["collect_seconds"] = torch.tensor(collected - start)
         stats["update_seconds"] = torch.tensor(end - collected)  # host time (CUDA may still be busy)
-        self.log_iteration(rollout, stats)
+        self.log_iteration(rollout, returns, stats)
         interval = self.hparams.diagnostics_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
             self.log_diagnostics_figure(start_ratio, end_kl, stats.get("update_order"))
@@ -701,15 +723,15 @@ class FP3OModule(L.LightningModule):
 
     # ------------------------------------------------------------------ logging
 
-    def log_iteration(self, rollout: TensorDictBase, stats: dict[str, Tensor]) -> None:
+    def log_iteration(self, rollout: TensorDictBase, returns: Tensor, stats: dict[str, Tensor]) -> None:
         """Log one iteration to every logger, with the environment frame count as the step.
 
         Scalars go under ``train/``; per-agent vectors under ``agent_<i>/`` (and their mean under
         ``train/``); agent orders (FP3O's selection, HAPPO's update order) under ``selection/``.
-        Everything reaches the host in one transfer.
+        Everything reaches the host in one transfer. ``returns`` are those of the episodes that
+        ended in ``rollout`` (see ``episode_returns``).
         """
         finished = finished_episodes(rollout)
-        returns = rollout["next", "episode_reward"][finished]
         stats = {**stats, "episode_return": returns.mean(), "episodes": torch.tensor(returns.numel())}
         if ("next", "won") in rollout.keys(True):  # SMAC-style tasks: the share of finished episodes won
             stats["win_rate"] = rollout["next", "won"][finished].float().mean()
@@ -810,3 +832,26 @@ def finished_episodes(rollout: TensorDictBase) -> Tensor:
     if ("next", "faulted") in rollout.keys(True):
         finished = finished & ~rollout["next", "faulted"]
     return finished
+
+
+def episode_returns(reward: Tensor, done: Tensor, running: Tensor) -> tuple[Tensor, Tensor]:
+    """Every step's return of its episode so far, and the running returns a rollout leaves.
+
+    Args:
+        reward: the team rewards ``[num_envs, T, 1]`` of a rollout (``("next", "reward")``).
+        done: bool ``[num_envs, T, 1]`` (``("next", "done")``); the sum restarts after each.
+        running: float64 ``[num_envs]``, each environment's return so far when the rollout starts.
+
+    Returns ``[num_envs, T, 1]`` float64 returns so far (at a done, the episode's return) and the
+    running returns ``[num_envs]`` at the rollout's end. Cumulative sums over the whole rollout
+    replace TorchRL's ``RewardSum`` transform, so that the collector steps the environment itself,
+    without a ``TransformedEnv`` around it.
+    """
+    total = reward.squeeze(-1).double().cumsum(-1) + running.unsqueeze(-1)
+    done = done.squeeze(-1)
+    steps = torch.arange(done.shape[-1], device=done.device).expand_as(done)
+    last_end = torch.where(done, steps, -1).cummax(-1).values  # the last done at or before each step
+    previous_end = torch.cat([torch.full_like(last_end[:, :1], -1), last_end[:, :-1]], dim=-1)
+    offset = torch.where(previous_end >= 0, total.gather(-1, previous_end.clamp(min=0)), 0.0)
+    so_far = total - offset
+    return so_far.unsqueeze(-1), torch.where(done[:, -1], 0.0, so_far[:, -1])
