@@ -5,6 +5,9 @@ training throughput (rollout + GAE + both FP3O phases, first iteration excluded 
 the env-only throughput of the same environment (random actions, same ``num_envs`` and env kwargs)::
 
     python benchmarks/train_throughput.py --config configs/mamujoco/halfcheetah_6x1.yaml --iterations 4
+
+``--compile-update`` compiles the update (``model.compile_update``); the compilation falls in the first,
+warm-up iteration.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def main() -> None:
     )
     parser.add_argument("--sharing", default=None, help="override the config's network type")
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
+    parser.add_argument(
+        "--compile-update", action="store_true", help="model.compile_update (compilation in warm-up)"
+    )
     args = parser.parse_args()
 
     with open(args.config) as file:
@@ -44,6 +50,7 @@ def main() -> None:
         model["sharing"] = args.sharing
     frames_per_batch = model.get("num_envs", 4) * model.get("rollout_length", 1000)
     model["total_frames"] = args.iterations * frames_per_batch
+    model["compile_update"] = args.compile_update or model.get("compile_update", False)
 
     env = make_env(**model["env"], num_envs=model.get("num_envs", 4))
     env_fps = env_frames_per_second(env, steps=frames_per_batch, seed=0)
@@ -69,7 +76,8 @@ def main() -> None:
     print(
         f"\n{env_name}, sharing={model.get('sharing', 'nops')}, num_envs={model.get('num_envs', 4)}, "
         f"{frames_per_batch} frames/iteration, {args.iterations} iterations on "
-        f"{trainer.strategy.root_device}, torch threads={torch.get_num_threads()}"
+        f"{trainer.strategy.root_device}, torch threads={torch.get_num_threads()}, "
+        f"compile_update={model['compile_update']}"
     )
     print(f"{'measure':<40} {'frames/s':>10}")
     print("-" * 52)

@@ -142,7 +142,7 @@ DDP_SCRIPT = textwrap.dedent(
                 spread = (gathered - gathered[0]).abs().max().item()
                 open({out!r}, "w").write(f"{{spread}} {{module.frames}} {{module.iteration}}")
 
-    module = small_module(total_frames=512)
+    module = small_module(total_frames=512, compile_update={compile_update})
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -152,10 +152,13 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path):
+@pytest.mark.parametrize(
+    "compile_update", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+)
+def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path, compile_update):
     out = tmp_path / "ddp.txt"
     script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(out)))
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(out), compile_update=compile_update))
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
