@@ -641,14 +641,18 @@ class FP3OModule(L.LightningModule):
         minibatch_loss = self.compiled_minibatch_loss() if hp.compile_update else self.minibatch_loss
         totals = torch.zeros(3, device=self.device)
         clipped = torch.zeros(self.n_agents, device=self.device)
+        size = batch.numel() // hp.num_minibatches
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(sequences, generator=self.generator).to(self.device)
-            for sequence in order.view(hp.num_minibatches, -1):
-                index = (sequence.unsqueeze(-1) * chunk + steps).reshape(-1)  # whole sequences
-                minibatch = batch[index]
+            # Shuffled whole sequences, gathered once per epoch; minibatches are slices of them.
+            index = (order.unsqueeze(-1) * chunk + steps).reshape(-1)
+            shuffled = batch[index]
+            shuffled_factor = None if factor is None else factor[index]
+            for start in range(0, batch.numel(), size):
+                minibatch = shuffled[start : start + size]
                 loss, policy_loss, entropy, value_loss, log_prob = minibatch_loss(
                     minibatch,
-                    None if factor is None else factor[index],
+                    None if factor is None else shuffled_factor[start : start + size],
                     agent_weight,
                     train_actor,
                     train_critic,
