@@ -15,7 +15,7 @@ from torchrl.envs.utils import check_env_specs
 
 from fp3o_lightning.envs import MaMuJoCoEnv
 from fp3o_lightning.envs import mamujoco as mamujoco_module
-from fp3o_lightning.envs.mamujoco import EnvFaultWarning
+from fp3o_lightning.envs.faults import EnvFaultWarning
 
 KWARGS = {"scenario": "Hopper", "agent_conf": "3x1", "num_envs": 3, "max_episode_steps": 1000}
 STEPS, FAULTY, CRASH_CALL = 12, 1, 5  # sub-env 1 raises on its 5th step call: output step index 4

@@ -19,7 +19,7 @@ from torchrl.envs.libs.smacv2 import SMACv2Wrapper
 from torchrl.envs.utils import check_env_specs
 
 from fp3o_lightning.envs import smacv2 as smacv2_module
-from fp3o_lightning.envs.mamujoco import EnvFaultWarning
+from fp3o_lightning.envs.faults import EnvFaultWarning
 from fp3o_lightning.envs.smacv2 import (
     SMAC_MAPS,
     SMACv2TaskEnv,

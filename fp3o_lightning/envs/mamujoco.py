@@ -70,6 +70,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded
 from torchrl.envs import EnvBase
 
+from fp3o_lightning.envs.faults import EnvFaultWarning, rebuild_after_fault
 from fp3o_lightning.envs.specs import set_contract_specs
 from fp3o_lightning.envs.state import check_saved_state
 
@@ -452,10 +453,6 @@ def _dynamics_for(sim: Any) -> _Dynamics | None:
     if kind is None or sim.render_mode == "human" or not hasattr(sim, "_step_mujoco_simulation"):
         return None
     return _Dynamics(sim, kind)
-
-
-class EnvFaultWarning(RuntimeWarning):
-    """Emitted when a sub-environment raised and was rebuilt (see :class:`MaMuJoCoEnv`'s ``max_faults``)."""
 
 
 def _plain(value: Any) -> Any:
@@ -966,45 +963,22 @@ class MaMuJoCoEnv(EnvBase):
             old.close()
 
     def _recover(self, index: int, err: Exception, during: str) -> None:
-        """Rebuild sub-env ``index`` after ``err`` (raised during ``during``) and reset it.
+        """Rebuild sub-env ``index`` after ``err`` (raised during ``during``) and reset it
+        (:func:`~fp3o_lightning.envs.faults.rebuild_after_fault`, which raises past ``max_faults``).
 
         Writes the reset observation and state into the buffers and sets ``faulted``; the caller sets the
-        done flags and reward. A rebuild or reset that raises again counts as another fault.
-
-        Raises:
-            Exception: ``err`` itself when ``max_faults`` is 0.
-            RuntimeError: from the last exception when it would exceed ``max_faults``.
+        done flags and reward.
         """
+
+        def rebuild(fault: int) -> None:
+            self._rebuild(index)
+            state, _ = self._sims[index].reset(seed=self.fault_seed(index, fault))
+            self._read(index, state)  # the caller gathers
+
         label = self.scenario if self.agent_conf is None else f"{self.scenario} {self.agent_conf}"
-        while True:
-            if self._faults >= self.max_faults:
-                if self.max_faults == 0:
-                    raise err
-                raise RuntimeError(
-                    f"{type(self).__name__} {label}: sub-env {index} raised during {during} "
-                    f"({type(err).__name__}: {err}) after {self._faults} faults already recovered, which is "
-                    f"max_faults={self.max_faults}. Raise the limit with {type(self).__name__}(..., "
-                    f"max_faults=<n>) (the env's `max_faults` option in a run config), or find out why the "
-                    "simulator crashes."
-                ) from err
-            self._faults += 1
-            warnings.warn(
-                f"{type(self).__name__} {label}: sub-env {index} raised during {during} "
-                f"({type(err).__name__}: {err}); rebuilt it and dropped its episode "
-                f"(fault {self._faults}/{self.max_faults}).",
-                EnvFaultWarning,
-                stacklevel=3,
-            )
-            try:
-                self._rebuild(index)
-                state, _ = self._sims[index].reset(seed=self.fault_seed(index, self._faults))
-                self._read(index, state)  # the caller gathers
-            except Exception as again:
-                err, during = again, "its rebuild after a fault"
-                continue
-            self._elapsed[index] = 0
-            self._faulted[index, 0] = True
-            return
+        rebuild_after_fault(self, label, index, err, during, rebuild, cause="the simulator")
+        self._elapsed[index] = 0
+        self._faulted[index, 0] = True
 
     # ------------------------------------------------------------------ checkpointing
     #: Version of the :meth:`get_extra_state` layout. Format 2 added ``"faults"``, ``"seed"`` and ``"fresh"``;

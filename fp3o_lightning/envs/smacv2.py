@@ -40,7 +40,7 @@ Faults: a sub-env whose ``step`` or ``reset`` raises an ``Exception`` (a StarCra
 connection), or that smacv2 restarted by itself after a protocol error, is rebuilt from scratch (a fresh
 ``SMACv2Env``, closing the old one) and reset, and the run goes on, as in :class:`MaMuJoCoEnv`.
 ``max_faults`` (default 10) caps the rebuilds over the env's life, :attr:`SMACv2TaskEnv.faults` counts
-them, and each one emits an :class:`~fp3o_lightning.envs.mamujoco.EnvFaultWarning`. A sub-env that
+them, and each one emits an :class:`~fp3o_lightning.envs.faults.EnvFaultWarning`. A sub-env that
 faulted while stepping returns its rebuilt instance's reset observation, mask and state, reward 0,
 ``truncated=True``, ``terminated=False``, ``done=True``, ``won=False`` and ``faulted=True``: trainers
 should drop that episode from their statistics. That reset starts the sub-env's next episode (the
@@ -67,7 +67,6 @@ import inspect
 import os
 import platform
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,7 +79,7 @@ from torchrl.data import Categorical
 from torchrl.envs import EnvBase
 from torchrl.envs.libs.smacv2 import SMACv2Env
 
-from fp3o_lightning.envs.mamujoco import EnvFaultWarning
+from fp3o_lightning.envs.faults import rebuild_after_fault
 from fp3o_lightning.envs.specs import set_contract_specs
 
 __all__ = [
@@ -658,43 +657,20 @@ class SMACv2TaskEnv(EnvBase):
         return self._faults
 
     def _recover(self, index: int, err: Exception, during: str) -> None:
-        """Rebuild sub-env ``index`` after ``err`` (raised during ``during``) and reset it.
+        """Rebuild sub-env ``index`` after ``err`` (raised during ``during``) and reset it
+        (:func:`~fp3o_lightning.envs.faults.rebuild_after_fault`, which raises past ``max_faults``).
 
         Writes the reset observation, mask and state into the buffers and sets ``faulted``; the caller sets
-        the done flags and reward. A rebuild or reset that raises again counts as another fault.
-
-        Raises:
-            Exception: ``err`` itself when ``max_faults`` is 0.
-            RuntimeError: from the last exception when it would exceed ``max_faults``.
+        the done flags and reward.
         """
-        name = type(self).__name__
-        while True:
-            if self._faults >= self.max_faults:
-                if self.max_faults == 0:
-                    raise err
-                raise RuntimeError(
-                    f"{name} {self.map_name}: sub-env {index} raised during {during} ({type(err).__name__}: "
-                    f"{err}) after {self._faults} faults already recovered, which is max_faults="
-                    f"{self.max_faults}. Raise the limit with {name}(..., max_faults=<n>) (the env's "
-                    "`max_faults` option in a run config), or find out why StarCraft II crashes."
-                ) from err
-            self._faults += 1
-            warnings.warn(
-                f"{name} {self.map_name}: sub-env {index} raised during {during} ({type(err).__name__}: "
-                f"{err}); rebuilt it and dropped its episode (fault {self._faults}/{self.max_faults}).",
-                EnvFaultWarning,
-                stacklevel=3,
-            )
-            try:
-                self._replace(index, self._build(self.sub_seed(index, self._faults)))
-                out = self._inner_reset(index)
-                self._write(index, out)
-            except Exception as again:
-                err, during = again, "its rebuild after a fault"
-                continue
-            self._faulted[index, 0] = True
-            self._live[index] = True
-            return
+
+        def rebuild(fault: int) -> None:
+            self._replace(index, self._build(self.sub_seed(index, fault)))
+            self._write(index, self._inner_reset(index))
+
+        rebuild_after_fault(self, self.map_name, index, err, during, rebuild, cause="StarCraft II")
+        self._faulted[index, 0] = True
+        self._live[index] = True
 
     # ------------------------------------------------------------------ checkpointing
     _STATE_FORMAT = 1
