@@ -358,7 +358,7 @@ class FP3OModule(L.LightningModule):
     def load_collector_state(self, state: dict[str, Any]) -> None:
         self.base_env.load_state_dict(state["env"])
         carrier = TensorDict(state["carrier"], batch_size=state["batch_size"])
-        # Checkpoints before 0.3 carried the running returns in the carrier, from TorchRL's RewardSum.
+        # Older checkpoints carry the running returns in the carrier (TorchRL's RewardSum wrote them).
         legacy = carrier.pop("episode_reward", None)
         running = state.get("running_return", None if legacy is None else legacy.squeeze(-1))
         if running is not None:
@@ -430,10 +430,9 @@ class FP3OModule(L.LightningModule):
         start = time.perf_counter()
         rollout = next(self._rollouts)
         collected = time.perf_counter()
-        so_far, self._runtime["running_return"] = episode_returns(
+        returns_so_far, self._runtime["running_return"] = episode_returns(
             rollout["next", "reward"], rollout["next", "done"], self._runtime["running_return"]
         )
-        returns = so_far[finished_episodes(rollout)]
         self._runtime["skipped"] = torch.zeros(2, device=self.device)  # non-finite [losses, gradients]
         self._runtime["steps"] = 0
         bad = self.nonfinite_keys(rollout)
@@ -457,7 +456,7 @@ class FP3OModule(L.LightningModule):
         stats["fps"] = torch.tensor(rollout.numel() / (end - start))
         stats["collect_seconds"] = torch.tensor(collected - start)
         stats["update_seconds"] = torch.tensor(end - collected)  # host time (CUDA may still be busy)
-        self.log_iteration(rollout, returns, stats)
+        self.log_iteration(rollout, returns_so_far, stats)
         interval = self.hparams.diagnostics_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
             self.log_diagnostics_figure(start_ratio, end_kl, stats.get("update_order"))
@@ -760,15 +759,18 @@ class FP3OModule(L.LightningModule):
 
     # ------------------------------------------------------------------ logging
 
-    def log_iteration(self, rollout: TensorDictBase, returns: Tensor, stats: dict[str, Tensor]) -> None:
+    def log_iteration(
+        self, rollout: TensorDictBase, returns_so_far: Tensor, stats: dict[str, Tensor]
+    ) -> None:
         """Log one iteration to every logger, with the environment frame count as the step.
 
         Scalars go under ``train/``; per-agent vectors under ``agent_<i>/`` (and their mean under
         ``train/``); agent orders (FP3O's selection, HAPPO's update order) under ``selection/``.
-        Everything reaches the host in one transfer. ``returns`` are those of the episodes that
-        ended in ``rollout`` (see ``episode_returns``).
+        Everything reaches the host in one transfer. ``returns_so_far`` are the rollout's returns
+        from ``episode_returns``; those where an episode finished are logged.
         """
         finished = finished_episodes(rollout)
+        returns = returns_so_far[finished]
         stats = {**stats, "episode_return": returns.mean(), "episodes": torch.tensor(returns.numel())}
         if ("next", "won") in rollout.keys(True):  # SMAC-style tasks: the share of finished episodes won
             stats["win_rate"] = rollout["next", "won"][finished].float().mean()
