@@ -40,8 +40,8 @@ from fp3o_lightning.keys import (
 from fp3o_lightning.nets import (
     ACTOR_NETWORKS,
     SHARING,
+    AgentCritic,
     CentralCritic,
-    LocalCritic,
     MultiAgentPolicy,
     ValueNormalizer,
 )
@@ -55,6 +55,9 @@ from fp3o_lightning.optim import AgentFreezer, clip_grad_norm_per_agent, skip_st
 from fp3o_lightning.schemes import SCHEMES, make_scheme
 
 NONFINITE = ("skip", "stop")
+TIME_LIMITS = ("terminal", "bootstrap")
+CRITICS = ("agent", "team")
+VALUE_NORM_UPDATES = ("minibatch", "iteration")
 EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
 DEFAULT_ENV: dict[str, Any] = {
@@ -101,6 +104,21 @@ class FP3OModule(L.LightningModule):
         max_grad_norm: gradient-norm clip (per agent network with ``nops``).
         huber_delta: delta of the critic's Huber loss.
         value_clip: clip the value update around the rollout's value, as the paper's code does.
+        time_limit: how GAE treats an episode cut by the time limit: ``terminal`` (the paper's code,
+            ``use_proper_time_limits=False``: like a termination, no bootstrap) or ``bootstrap``
+            (bootstrap from the critic's value of the last observation).
+        critic: ``agent`` (the paper's code): one value per agent, ``V(s, i)`` on the state with the
+            agent's one-hot id (NoPS: one critic and value normaliser per agent; FuPS/PaPS: one
+            shared critic and normaliser), so GAE gives each agent its own advantage, normalised
+            per agent; ``team``: one ``V(s)`` and one advantage for the team. IPPO's critic reads
+            each agent's observation either way; ``team`` gives it one normaliser for all agents.
+        agent_id: append the agent's one-hot id to every agent's observation and to the critic's
+            input, for every network type (the paper's code); ``False``: FuPS only (which needs it).
+        value_norm_update: when the value normaliser folds in new value targets: ``minibatch`` (the
+            paper's code: before every minibatch's value loss, in every phase that trains the
+            critic) or ``iteration`` (once per iteration, on the whole batch).
+        paps_head_lr_scale: with PaPS, the per-agent output layers and log-stds learn at
+            ``actor_lr x n_agents`` (the paper code's optimiser); ``False``: at ``actor_lr``.
         hidden_size, depth: width and number of hidden layers of actor and critic.
         gain: orthogonal-init gain of the policy's output layer.
         actor_network: ``mlp`` or ``rnn`` (a GRU of width ``hidden_size`` after the MLP trunk, with
@@ -150,6 +168,11 @@ class FP3OModule(L.LightningModule):
         max_grad_norm: float = 10.0,
         huber_delta: float = 10.0,
         value_clip: bool = True,
+        time_limit: str = "terminal",
+        critic: str = "agent",
+        agent_id: bool = True,
+        value_norm_update: str = "minibatch",
+        paps_head_lr_scale: bool = True,
         hidden_size: int = 64,
         depth: int = 2,
         gain: float = 0.01,
@@ -196,16 +219,26 @@ class FP3OModule(L.LightningModule):
             std_x_coef=std_x_coef,
             std_y_coef=std_y_coef,
             action_sizes=getattr(probe, "action_sizes", None),
+            agent_id=agent_id,
         )
         self.param_keys = (LOGITS,) if discrete else (LOC, SCALE)
         self.scheme = make_scheme(algorithm)
-        if self.scheme.local_critic:
-            self.critic = LocalCritic(self.n_agents, observation_size, sharing, hidden_size, depth)
-            self.critic_key: Any = OBSERVATION
+        self.critic_key: Any = OBSERVATION if self.scheme.local_critic else "state"
+        if self.scheme.local_critic or critic == "agent":
+            self.critic = AgentCritic(
+                self.n_agents,
+                observation_size if self.scheme.local_critic else state_size,
+                sharing,
+                hidden_size,
+                depth,
+                per_agent_input=self.scheme.local_critic,
+                agent_id=agent_id,
+            )
         else:
             self.critic = CentralCritic(state_size, hidden_size=hidden_size, depth=depth)
-            self.critic_key = "state"
-        self.value_normalizer = ValueNormalizer()
+        # One normaliser per agent where every agent has its own critic (the paper code's NoPS).
+        per_agent = critic == "agent" and sharing == "nops"
+        self.value_normalizer = ValueNormalizer(self.n_agents if per_agent else 1)
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.frames = 0
@@ -232,8 +265,15 @@ class FP3OModule(L.LightningModule):
                 raise ValueError(f"model.{name}={hp[name]!r} must lie in [0, 1]")
         if hp.sharing not in SHARING:
             raise ValueError(f"model.sharing={hp.sharing!r} is not a network type; choose one of {SHARING}")
-        if hp.nonfinite not in NONFINITE:
-            raise ValueError(f"model.nonfinite={hp.nonfinite!r} is unknown; choose one of {NONFINITE}")
+        choices = {
+            "nonfinite": NONFINITE,
+            "time_limit": TIME_LIMITS,
+            "critic": CRITICS,
+            "value_norm_update": VALUE_NORM_UPDATES,
+        }
+        for name, options in choices.items():
+            if hp[name] not in options:
+                raise ValueError(f"model.{name}={hp[name]!r} is unknown; choose one of {options}")
         if hp.algorithm not in SCHEMES:
             raise ValueError(f"model.algorithm={hp.algorithm!r} is unknown; choose one of {tuple(SCHEMES)}")
         if hp.actor_network not in ACTOR_NETWORKS:
@@ -418,10 +458,21 @@ class FP3OModule(L.LightningModule):
         return callbacks
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        # Fused: one kernel per step, and it can skip a non-finite step without a host sync.
+        """Adam for the actors and for the critic (eps 1e-5). With PaPS and ``paps_head_lr_scale``, the
+        per-agent heads and log-stds form a second group at ``actor_lr x n_agents``, as in the paper's
+        code (whose loss averages the agents' heads). Fused: one kernel per step, and it can skip a
+        non-finite step without a host sync."""
+        hp = self.hparams
+        actor_groups: list[dict[str, Any]] = [{"params": list(self.policy.parameters())}]
+        if hp.sharing == "paps" and hp.paps_head_lr_scale:
+            heads = {id(p) for p in self.policy.head_parameters()}
+            actor_groups = [
+                {"params": [p for p in self.policy.parameters() if id(p) not in heads]},
+                {"params": self.policy.head_parameters(), "lr": hp.actor_lr * self.n_agents},
+            ]
         return [
-            torch.optim.Adam(self.policy.parameters(), lr=self.hparams.actor_lr, eps=1e-5, fused=True),
-            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, eps=1e-5, fused=True),
+            torch.optim.Adam(actor_groups, lr=hp.actor_lr, eps=1e-5, fused=True),
+            torch.optim.Adam(self.critic.parameters(), lr=hp.critic_lr, eps=1e-5, fused=True),
         ]
 
     # ------------------------------------------------------------------ iteration
@@ -492,32 +543,37 @@ class FP3OModule(L.LightningModule):
 
     @torch.no_grad()
     def compute_advantages(self, rollout: TensorDictBase) -> tuple[TensorDictBase, Tensor]:
-        """GAE on the team reward with value-normaliser-aware values; bootstraps on truncation.
+        """GAE on the team reward with value-normaliser-aware values, per value the critic gives
+        (one for the team, or one per agent).
 
-        Returns the flat batch the update schemes consume (see ``UpdateScheme``) and the
-        explained variance of the critic's values before the update.
+        The time limit ends an episode like a termination with ``time_limit="terminal"`` and is
+        bootstrapped from the next value with ``"bootstrap"``; a termination never is. Returns the
+        flat batch the update schemes consume (see ``UpdateScheme``) and the explained variance of
+        the critic's values before the update.
         """
         value = self.values(rollout)
         denormalized_value = self.value_normalizer.denormalize(value)
         next_value = self.value_normalizer.denormalize(self.values(rollout["next"]))
-        width = value.shape[-1]  # one team value, or one value per agent (IPPO)
+        width = value.shape[-1]  # one team value, or one value per agent
+        done = rollout["next", "done"]
+        terminated = done if self.hparams.time_limit == "terminal" else rollout["next", "terminated"]
         advantage, target = vec_generalized_advantage_estimate(
             self.hparams.gamma,
             self.hparams.gae_lambda,
             denormalized_value,
             next_value,
             rollout["next", "reward"].expand_as(value),
-            done=rollout["next", "done"].expand(*value.shape[:-1], width),
-            terminated=rollout["next", "terminated"].expand(*value.shape[:-1], width),
+            done=done.expand(*value.shape[:-1], width),
+            terminated=terminated.expand(*value.shape[:-1], width),
         )
-        moments = torch.stack([target.mean(), target.pow(2).mean()])
-        self.value_normalizer.update(*(self.all_reduce_sum(moments) / self.trainer.world_size))
+        if self.hparams.value_norm_update == "iteration":
+            self.update_value_normalizer(target)
         keys = [OBSERVATION, ACTION, "state"] + [ACTION_MASK] * self.masked
         keys += [HIDDEN, IS_INIT] if self.policy.recurrent else []
         batch = rollout.select(*keys).to(self.device)
         batch["advantage"] = normalize_advantage(advantage)
         batch["value"] = value
-        batch["value_target"] = self.value_normalizer.normalize(target)
+        batch["value_target"] = target
         # [num_envs, rollout_length] -> flat, environment-major: consecutive runs of chunk_length
         # samples are the sequences a recurrent actor replays.
         batch = batch.reshape(-1)
@@ -528,6 +584,11 @@ class FP3OModule(L.LightningModule):
         batch.update(dict(zip(self.param_keys, params, strict=True)))
         batch[LOG_PROB] = self.old_distribution(batch).log_prob(batch[ACTION])
         return batch, explained_variance(denormalized_value, target)
+
+    def update_value_normalizer(self, target: Tensor) -> None:
+        """Fold value targets (denormalised) into the value normaliser, averaged over DDP processes."""
+        moments = self.value_normalizer.moments(target)
+        self.value_normalizer.update(self.all_reduce_sum(moments) / self.trainer.world_size)
 
     def distribution_params(self, batch: TensorDictBase) -> tuple[Tensor, ...]:
         """The current policy's distribution parameters on a flat update batch (or a minibatch of
@@ -587,7 +648,7 @@ class FP3OModule(L.LightningModule):
             value_loss = huber_value_loss(
                 self.values(minibatch),
                 minibatch["value"],
-                minibatch["value_target"],
+                self.value_normalizer.normalize(minibatch["value_target"]),
                 hp.huber_delta,
                 hp.clip_epsilon if hp.value_clip else None,
             )
@@ -649,6 +710,8 @@ class FP3OModule(L.LightningModule):
             shuffled_factor = None if factor is None else factor[index]
             for start in range(0, batch.numel(), size):
                 minibatch = shuffled[start : start + size]
+                if train_critic and hp.value_norm_update == "minibatch":
+                    self.update_value_normalizer(minibatch["value_target"])
                 loss, policy_loss, entropy, value_loss, log_prob = minibatch_loss(
                     minibatch,
                     None if factor is None else shuffled_factor[start : start + size],

@@ -93,8 +93,11 @@ def huber_value_loss(
 
 
 def normalize_advantage(advantage: Tensor, eps: float = 1e-5) -> Tensor:
-    """Zero-mean, unit-std advantages over the whole batch (as in the paper's code)."""
-    return (advantage - advantage.mean()) / (advantage.std(unbiased=False) + eps)
+    """Zero-mean, unit-std advantages over the batch, per agent (``advantage [..., width]``: each
+    last-dimension column on its own, as the paper's code normalises each agent's buffer; a team
+    advantage ``[..., 1]`` is normalised over the whole batch)."""
+    flat = advantage.reshape(-1, advantage.shape[-1])
+    return (advantage - flat.mean(0)) / (flat.std(0, unbiased=False) + eps)
 
 
 def explained_variance(prediction: Tensor, target: Tensor) -> Tensor:

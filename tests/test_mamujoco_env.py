@@ -69,22 +69,29 @@ def test_shapes_and_attributes_hopper() -> None:
 
 
 @pytest.mark.parametrize(
-    ("scenario", "agent_conf", "max_episode_steps"),
+    ("scenario", "agent_conf", "max_episode_steps", "action_scale"),
     [
-        ("HalfCheetah", "6x1", 1000),  # unequal observation sizes
-        ("HalfCheetah", "2x3", 30),  # truncation + auto-reset inside the window
-        ("Hopper", "3x1", 1000),  # unequal observation sizes, falls and auto-resets
-        ("Ant", "2x4", 1000),  # cfrc_ext observations (clipped per body)
-        ("ManySegmentSwimmer", "8x2", 1000),  # asset generated into a private temp dir
+        ("HalfCheetah", "6x1", 1000, 1.0),  # unequal observation sizes
+        ("HalfCheetah", "2x3", 30, 1.0),  # truncation + auto-reset inside the window
+        ("Hopper", "3x1", 1000, 1.0),  # unequal observation sizes, falls and auto-resets
+        ("Ant", "2x4", 1000, 1.0),  # cfrc_ext observations (clipped per body)
+        ("ManySegmentSwimmer", "8x2", 1000, 1.0),  # asset generated into a private temp dir
+        # Out of the action bounds: the control cost is charged on the action as given (the default).
+        ("HalfCheetah", "6x1", 1000, 2.5),
+        ("Ant", "2x4", 1000, 2.5),
+        ("Reacher", "2x1", 50, 2.5),  # Gymnasium's own step path
     ],
 )
-def test_exactly_matches_gymnasium_robotics(scenario: str, agent_conf: str, max_episode_steps: int) -> None:
-    """Raw observations, state and reward equal a plain ``parallel_env`` bit-for-bit (incl. auto-resets)."""
+def test_exactly_matches_gymnasium_robotics(
+    scenario: str, agent_conf: str, max_episode_steps: int, action_scale: float
+) -> None:
+    """Raw observations, state and reward equal a plain ``parallel_env`` bit-for-bit (incl. auto-resets),
+    in and out of the action bounds."""
     from gymnasium_robotics import mamujoco_v1
 
     num_envs, steps, seed = 2, 100, 11
     env = MaMuJoCoEnv(scenario, agent_conf, num_envs=num_envs, max_episode_steps=max_episode_steps, seed=seed)
-    actions = _random_actions(env, steps, seed=0)
+    actions = action_scale * _random_actions(env, steps, seed=0)
     td = env.reset()
     refs = [mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=1) for _ in range(num_envs)]
     ref_obs = [ref.reset(seed=seed + i)[0] for i, ref in enumerate(refs)]
@@ -169,14 +176,24 @@ def test_hopper_fall_terminates() -> None:
     assert not data["next", "done"].any()
 
 
-def test_actions_clipped_and_padding_ignored() -> None:
-    env_a = MaMuJoCoEnv("Hopper", "3x1", num_envs=2, seed=5)
-    env_b = MaMuJoCoEnv("Hopper", "3x1", num_envs=2, seed=5)
-    big = 3.0 * _random_actions(env_a, 20, seed=1)
+def test_clip_actions_option_and_padding_ignored() -> None:
+    big = 3.0 * _random_actions(MaMuJoCoEnv("Hopper", "3x1"), 20, seed=1).expand(-1, 2, -1, -1)
     clipped = big.clamp(-1.0, 1.0)
-    out_a, out_b = _rollout(env_a, big), _rollout(env_b, clipped)
+    # clip_actions: out-of-bound actions are clipped first, so they are the clipped actions exactly.
+    out_a = _rollout(MaMuJoCoEnv("Hopper", "3x1", num_envs=2, seed=5, clip_actions=True), big)
+    out_b = _rollout(MaMuJoCoEnv("Hopper", "3x1", num_envs=2, seed=5), clipped)
     assert torch.equal(out_a["next", "agents", "observation"], out_b["next", "agents", "observation"])
     assert torch.equal(out_a["next", "reward"], out_b["next", "reward"])
+    # Default: MuJoCo clamps the controls (the same physics), but the control cost is the action's.
+    out_c = _rollout(MaMuJoCoEnv("Hopper", "3x1", num_envs=2, seed=5), big)
+    assert torch.equal(out_c["next", "agents", "observation"], out_b["next", "agents", "observation"])
+    extra_cost = 1e-3 * (big.square().sum((-2, -1)) - clipped.square().sum((-2, -1)))
+    torch.testing.assert_close(
+        out_b["next", "reward"].squeeze(-1) - out_c["next", "reward"].squeeze(-1),
+        extra_cost.float(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
     # padded action entries are ignored: Humanoid 9|8's agent_1 uses 8 of its 9 action slots
     env_c = MaMuJoCoEnv("Humanoid", "9|8", num_envs=1, seed=3)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fp3o_lightning.nets import CentralCritic, MultiAgentPolicy, ValueNormalizer
+from fp3o_lightning.nets import AgentCritic, CentralCritic, MultiAgentPolicy, ValueNormalizer
 from fp3o_lightning.optim import clip_grad_norm_per_agent
 
 N_AGENTS, OBS, ACT = 3, 7, 2
@@ -133,11 +133,51 @@ def test_critic_and_value_normalizer():
     norm = ValueNormalizer(beta=0.9)
     x = torch.randn(1000) * 7 + 3
     for _ in range(200):
-        norm.update(x.mean(), x.pow(2).mean())
+        norm.update(norm.moments(x.unsqueeze(-1)))
     mean, std = norm.mean_std()
     assert mean.item() == pytest.approx(x.mean().item(), rel=1e-3)
     assert std.item() == pytest.approx(x.std(unbiased=False).item(), rel=1e-3)
     torch.testing.assert_close(norm.denormalize(norm.normalize(x)), x)
+
+
+def test_per_agent_value_normalizer_keeps_each_agents_statistics():
+    values = torch.randn(500, 3) * torch.tensor([1.0, 5.0, 20.0]) + torch.tensor([-4.0, 0.0, 9.0])
+    per_agent, shared = ValueNormalizer(3, beta=0.5), ValueNormalizer(1, beta=0.5)
+    for _ in range(50):
+        per_agent.update(per_agent.moments(values))
+        shared.update(shared.moments(values))
+    mean, std = per_agent.mean_std()
+    torch.testing.assert_close(mean, values.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(std, values.std(0, unbiased=False), rtol=1e-4, atol=1e-4)
+    mean, std = shared.mean_std()  # one statistic over every agent's values
+    assert mean.shape == (1,) and mean.item() == pytest.approx(values.mean().item(), rel=1e-4)
+    assert std.item() == pytest.approx(values.std(unbiased=False).item(), rel=1e-4)
+
+
+def test_value_normalizer_loads_checkpoints_with_scalar_statistics():
+    old = {"running_mean": torch.tensor(2.0, dtype=torch.float64)}
+    old |= {"running_mean_sq": torch.tensor(5.0, dtype=torch.float64)}
+    old |= {"debiasing_term": torch.tensor(1.0, dtype=torch.float64)}
+    norm = ValueNormalizer()
+    norm.load_state_dict(old)
+    assert norm.mean_std()[0].tolist() == [2.0]
+
+
+@pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
+@pytest.mark.parametrize("per_agent_input", [True, False])
+def test_agent_critic_gives_each_agent_its_value(sharing: str, per_agent_input: bool):
+    n_agents, features = 3, 5
+    critic = AgentCritic(n_agents, features, sharing, per_agent_input=per_agent_input, agent_id=True)
+    shape = (4, 2, n_agents, features) if per_agent_input else (4, 2, features)
+    inputs = torch.randn(shape)
+    values = critic(inputs)
+    assert values.shape == (4, 2, n_agents)
+    # The same input (a shared state) still gives each agent its own value: the id (or its own network).
+    assert not torch.allclose(values[..., 0], values[..., 1])
+    if sharing == "nops" and per_agent_input:  # agent 0's value reads agent 0's input only
+        moved = inputs.clone()
+        moved[..., 1, :] += 1.0
+        torch.testing.assert_close(critic(moved)[..., 0], values[..., 0])
 
 
 def test_invalid_actor_network_and_action_kind():

@@ -110,8 +110,17 @@ def test_huber_value_loss_with_and_without_clip():
 
 
 def test_normalize_advantage():
-    adv = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    adv = torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(2, 2, 1)  # a team advantage [envs, steps, 1]
     out = normalize_advantage(adv)
     assert out.mean().abs().item() < 1e-6
     assert out.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
-    assert out[0].item() == pytest.approx(-1.5 / math.sqrt(1.25), abs=1e-4)
+    assert out.flatten()[0].item() == pytest.approx(-1.5 / math.sqrt(1.25), abs=1e-4)
+
+
+def test_normalize_advantage_per_agent():
+    adv = torch.randn(2, 50, 3) * torch.tensor([1.0, 10.0, 100.0]) + torch.tensor([5.0, -5.0, 0.0])
+    out = normalize_advantage(adv)
+    flat = out.reshape(-1, 3)
+    torch.testing.assert_close(flat.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[..., 1], normalize_advantage(adv[..., 1:2]).squeeze(-1))

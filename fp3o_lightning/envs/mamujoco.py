@@ -6,8 +6,10 @@ steps them sequentially inside one :meth:`~MaMuJoCoEnv._step`. The data it produ
 
 * ``("agents", "observation")`` float32 ``[num_envs, n_agents, max_obs_dim]``: agent ``i``'s raw
   gymnasium-robotics observation in the first ``observation_sizes[i]`` entries, zeros after.
-* ``("agents", "action")`` float32 ``[num_envs, n_agents, max_action_dim]`` (input, ``Bounded``): clipped
-  into the actuator bounds before stepping; padding entries are ignored.
+* ``("agents", "action")`` float32 ``[num_envs, n_agents, max_action_dim]`` (input, ``Bounded``): passed on
+  as sampled, as gymnasium-robotics and the paper's code do (MuJoCo clamps the controls to the actuator
+  ranges itself, and the control cost is charged on the action as given); with ``clip_actions=True`` clipped
+  into the bounds first, so the cost is charged on the clipped action. Padding entries are ignored.
 * ``"state"`` float32 ``[num_envs, state_size]``: gymnasium-robotics' ``env.state()`` (the single-agent
   Gymnasium observation).
 * ``"reward"`` float32 ``[num_envs, 1]``: the team reward.
@@ -496,10 +498,13 @@ class MaMuJoCoEnv(EnvBase):
         max_faults: how many times over the env's life a sub-env that raised during ``step``/``reset`` is
             rebuilt (see the module docstring); one more fault raises a ``RuntimeError``. ``0`` re-raises
             the first fault's exception unchanged.
+        clip_actions: clip actions into the actuator bounds before stepping, so the control cost is
+            charged on the clipped action; ``False`` (default) steps the action as sampled, exactly as
+            gymnasium-robotics' ``parallel_env`` and the paper's code do.
 
     Attributes:
-        scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode, max_faults: the
-            constructor arguments.
+        scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode, max_faults,
+            clip_actions: the constructor arguments.
         faults: sub-env rebuilds so far (kept in the saved state).
         n_agents: number of agents; agent_names: gymnasium-robotics agent names (``"agent_0"``, ...).
         observation_sizes / action_sizes: per-agent unpadded observation / action sizes.
@@ -523,6 +528,7 @@ class MaMuJoCoEnv(EnvBase):
         height: int = 480,
         camera_name: str | None = "track",
         max_faults: int = 10,
+        clip_actions: bool = False,
     ) -> None:
         if not isinstance(agent_obsk, int) or isinstance(agent_obsk, bool) or agent_obsk < 0:
             raise ValueError(f"agent_obsk must be an integer >= 0, got {agent_obsk!r}.")
@@ -547,6 +553,7 @@ class MaMuJoCoEnv(EnvBase):
         self.max_episode_steps = max_episode_steps
         self.render_mode = render_mode
         self.max_faults = max_faults
+        self.clip_actions = bool(clip_actions)
         self._faults = 0
 
         gym_kwargs: dict[str, Any] = {}
@@ -793,10 +800,11 @@ class MaMuJoCoEnv(EnvBase):
         if action.requires_grad:
             action = action.detach()
         action = action.numpy() if action.is_cpu else action.cpu().numpy()
-        # Clipped float32 agent actions -> float64 global actions, as gymnasium-robotics does (clipping
-        # after the gather, and in float64, gives the same values: the bounds are float32 numbers).
+        # Float32 agent actions -> float64 global actions, as gymnasium-robotics does (clipping after the
+        # gather, and in float64, gives the same values: the bounds are float32 numbers).
         global_action = action.reshape(self.num_envs, -1).take(self._act_flat, axis=1).astype(np.float64)
-        _clip(global_action, self._global_low, self._global_high, global_action, self._clip_by_min_max)
+        if self.clip_actions:
+            _clip(global_action, self._global_low, self._global_high, global_action, self._clip_by_min_max)
         self._faulted.fill(False)
         self._fresh.fill(False)
         if self._dynamics is None:

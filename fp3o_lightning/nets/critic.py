@@ -1,6 +1,8 @@
-"""Centralised critic on the global state and the running value normaliser."""
+"""Critics (a team ``V(s)`` or one value per agent) and the running value normaliser."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,47 +21,73 @@ class CentralCritic(nn.Module):
         return self.net(state)
 
 
-class LocalCritic(nn.Module):
-    """IPPO's decentralised critic ``V^i(o^i)``: observations ``[..., n_agents, obs]`` to ``[..., n_agents]``.
+class AgentCritic(nn.Module):
+    """One value per agent, ``[..., n_agents]`` in normalised value units.
 
-    One network per agent with ``nops``; otherwise one shared network with the agent id as input.
+    The input is either per-agent (``[..., n_agents, in_features]``, e.g. IPPO's observations) or one
+    global state ``[..., in_features]`` that every agent reads (``per_agent_input=False``: the paper
+    code's ``V(s, i)``, the state with the agent's id). With ``nops`` every agent has its own network
+    (stacked parameters); otherwise one network is shared and the agent's one-hot id is appended to
+    its input. ``agent_id`` appends the id for ``nops`` too, as the paper's code does for every type.
     """
 
     def __init__(
-        self, n_agents: int, observation_size: int, sharing: str, hidden_size: int = 64, depth: int = 2
+        self,
+        n_agents: int,
+        in_features: int,
+        sharing: str,
+        hidden_size: int = 64,
+        depth: int = 2,
+        *,
+        per_agent_input: bool = True,
+        agent_id: bool = False,
     ) -> None:
         super().__init__()
-        self.shared = sharing != "nops"
-        in_features = observation_size + (n_agents if self.shared else 0)
-        stacks = 1 if self.shared else n_agents
+        self.n_agents, self.per_agent_input = n_agents, per_agent_input
+        self.append_id = sharing != "nops" or agent_id
+        stacks = n_agents if sharing == "nops" else 1
+        in_features += n_agents if self.append_id else 0
         self.net = paper_mlp(in_features, 1, depth, hidden_size, out_gain=1.0, stacks=stacks)
         self.register_buffer("agent_id", torch.eye(n_agents))
 
-    def forward(self, observation: Tensor) -> Tensor:
-        if self.shared:
-            observation = torch.cat([observation, self.agent_id.expand(*observation.shape[:-1], -1)], -1)
-        return self.net(observation).squeeze(-1)
+    def forward(self, inputs: Tensor) -> Tensor:
+        if not self.per_agent_input:
+            inputs = inputs.unsqueeze(-2).expand(*inputs.shape[:-1], self.n_agents, inputs.shape[-1])
+        if self.append_id:
+            inputs = torch.cat([inputs, self.agent_id.expand(*inputs.shape[:-1], -1)], -1)
+        return self.net(inputs).squeeze(-1)
 
 
 class ValueNormalizer(nn.Module):
     """Running mean/std of value targets with debiased exponential averages (the paper code's ValueNorm).
 
-    Hand-written because TorchRL normalises observations and rewards (``VecNorm``) but not value
-    targets. The statistics are buffers, so they travel with checkpoints and devices.
+    ``size`` statistics: 1 for one normaliser over every value, or ``n_agents`` for one per agent (the
+    paper code's NoPS, where each agent's critic has its own). Hand-written because TorchRL normalises
+    observations and rewards (``VecNorm``) but not value targets. The statistics are buffers, so they
+    travel with checkpoints and devices.
     """
 
-    def __init__(self, beta: float = 0.99999, eps: float = 1e-5) -> None:
+    def __init__(self, size: int = 1, beta: float = 0.99999, eps: float = 1e-5) -> None:
         super().__init__()
         self.beta, self.eps = beta, eps
-        self.register_buffer("running_mean", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("running_mean_sq", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("running_mean", torch.zeros(size, dtype=torch.float64))
+        self.register_buffer("running_mean_sq", torch.zeros(size, dtype=torch.float64))
         self.register_buffer("debiasing_term", torch.zeros((), dtype=torch.float64))
 
+    def moments(self, target: Tensor) -> Tensor:
+        """``[2, size]``: the mean and mean square of ``target [..., width]`` per statistic (over every
+        element when ``size`` is 1, per last-dimension column otherwise)."""
+        target = target.detach().double()
+        if self.running_mean.numel() == 1:
+            target = target.reshape(-1, 1)
+        flat = target.reshape(-1, target.shape[-1])
+        return torch.stack([flat.mean(0), flat.pow(2).mean(0)])
+
     @torch.no_grad()
-    def update(self, batch_mean: Tensor, batch_mean_sq: Tensor) -> None:
-        """Fold in a batch's first and second moments (all-reduce them first under DDP)."""
-        self.running_mean.mul_(self.beta).add_(batch_mean.double() * (1.0 - self.beta))
-        self.running_mean_sq.mul_(self.beta).add_(batch_mean_sq.double() * (1.0 - self.beta))
+    def update(self, moments: Tensor) -> None:
+        """Fold in a batch's ``moments`` (all-reduce them first under DDP)."""
+        self.running_mean.mul_(self.beta).add_(moments[0] * (1.0 - self.beta))
+        self.running_mean_sq.mul_(self.beta).add_(moments[1] * (1.0 - self.beta))
         self.debiasing_term.mul_(self.beta).add_(1.0 - self.beta)
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
@@ -75,3 +103,10 @@ class ValueNormalizer(nn.Module):
     def denormalize(self, value: Tensor) -> Tensor:
         mean, std = self.mean_std()
         return value * std + mean
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Checkpoints written before per-agent statistics hold 0-dim running moments.
+        for name in ("running_mean", "running_mean_sq"):
+            if state_dict.get(prefix + name, torch.zeros(1)).dim() == 0:
+                state_dict[prefix + name] = state_dict[prefix + name].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args)

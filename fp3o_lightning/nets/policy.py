@@ -31,6 +31,9 @@ class MultiAgentPolicy(nn.Module):
     Discrete actions (``n_actions``): a categorical over the logits, masked by the environment's
     ``action_mask`` (an invalid action has probability 0 and the mode is the best valid action).
 
+    ``agent_id`` appends the agent's one-hot id to the observation for every network type, as the
+    paper's code does (FuPS always gets it: its one network needs it to tell the agents apart).
+
     Recurrent actors (``actor_network="rnn"``, Table 7) carry a hidden state ``[..., n_agents,
     hidden_size]`` that is zeroed where ``is_init`` marks an episode start.
     """
@@ -50,6 +53,7 @@ class MultiAgentPolicy(nn.Module):
         std_x_coef: float = 1.0,
         std_y_coef: float = 0.5,
         action_sizes: Sequence[int] | None = None,
+        agent_id: bool = False,
     ) -> None:
         super().__init__()
         if sharing not in SHARING:
@@ -61,7 +65,8 @@ class MultiAgentPolicy(nn.Module):
         self.n_agents, self.sharing, self.hidden_size = n_agents, sharing, hidden_size
         self.discrete, self.recurrent = n_actions is not None, actor_network == "rnn"
         self.std_x_coef, self.std_y_coef = std_x_coef, std_y_coef
-        in_features = observation_size + (n_agents if sharing == "fups" else 0)
+        self.append_id = sharing == "fups" or agent_id
+        in_features = observation_size + (n_agents if self.append_id else 0)
         trunk_stacks = n_agents if sharing == "nops" else 1
         self.trunk = paper_mlp(in_features, None, depth, hidden_size, stacks=trunk_stacks)
         width = hidden_size if depth else in_features
@@ -124,7 +129,7 @@ class MultiAgentPolicy(nn.Module):
         return (*self._head(torch.stack(outputs, 1), action_mask), hidden)
 
     def _inputs(self, observation: Tensor) -> Tensor:
-        if self.sharing == "fups":
+        if self.append_id:
             return torch.cat([observation, self.agent_id.expand(*observation.shape[:-1], -1)], -1)
         return observation
 
@@ -177,10 +182,14 @@ class MultiAgentPolicy(nn.Module):
         """True when every parameter is stacked per agent (NoPS), so gradients are clipped per agent."""
         return self.sharing == "nops"
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The output layer's parameters and the log-std (the per-agent part of PaPS)."""
+        return [p for p in (self.log_std, *self.head.parameters()) if p is not None]
+
     def stacked_parameters(self) -> list[nn.Parameter]:
         """Parameters with a leading agent dimension: all of NoPS, PaPS's head and std, none of FuPS."""
         if self.sharing == "fups":
             return []
         if self.sharing == "nops":
             return list(self.parameters())
-        return [p for p in (self.log_std, *self.head.parameters()) if p is not None]
+        return self.head_parameters()

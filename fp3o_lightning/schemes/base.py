@@ -17,8 +17,9 @@ class UpdateScheme(ABC):
 
     ``batch`` is flat (``[B]``) with ``("agents", "observation")``, ``("agents", "action")``,
     ``("agents", "action_log_prob")`` (the rollout's), the rollout Gaussian's ``("agents", "loc")``
-    and ``("agents", "scale")``, ``"state"``, ``"advantage"`` (normalised, ``[B, 1]`` for a central
-    critic, ``[B, n_agents]`` for a local one), ``"value_target"`` and ``"value"`` (normalised units).
+    and ``("agents", "scale")``, ``"state"``, ``"advantage"`` (normalised, ``[B, 1]`` for a team
+    critic, ``[B, n_agents]`` for one value per agent), ``"value"`` (the critic's, normalised units) and
+    ``"value_target"`` (GAE's return, denormalised: the value loss normalises it when it is used).
 
     Schemes drive ``module.ppo_phase`` and ``module.measure`` and return tensors to log, keyed by
     metric name, including the diagnostics ``start_ratio`` and ``end_kl`` (``[B, n_agents]``):

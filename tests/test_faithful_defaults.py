@@ -1,0 +1,118 @@
+"""The defaults follow the paper's official code (an-anony/fp3o-icml23); each difference is an option."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from fp3o_lightning.module import FP3OModule
+from fp3o_lightning.nets import AgentCritic, CentralCritic
+
+from .conftest import fit_quietly, sampled_rollout, small_module
+
+
+def test_defaults_are_the_official_codes() -> None:
+    module_defaults = {k: p.default for k, p in inspect.signature(FP3OModule).parameters.items()}
+    assert module_defaults["time_limit"] == "terminal"
+    assert module_defaults["critic"] == "agent"
+    assert module_defaults["agent_id"] is True
+    assert module_defaults["value_norm_update"] == "minibatch"
+    assert module_defaults["paps_head_lr_scale"] is True
+
+
+@pytest.mark.parametrize("time_limit", ["terminal", "bootstrap"])
+def test_time_limit_bootstraps_only_when_asked(time_limit: str) -> None:
+    """At a truncated step the return is the reward alone ("terminal", the official runner's
+    ``use_proper_time_limits=False``) or the reward plus the discounted next value ("bootstrap")."""
+    env = {"name": "mamujoco", "scenario": "HalfCheetah", "agent_conf": "2x3", "max_episode_steps": 10}
+    module = small_module(env=env, time_limit=time_limit, value_norm_update="iteration")
+    fit_quietly(module)  # a trained critic, so that next values are not zero
+    rollout = sampled_rollout(module, steps=32)
+    truncated = rollout["next", "truncated"].squeeze(-1)
+    assert truncated.sum() >= 4 and not rollout["next", "terminated"].any()
+    with torch.no_grad():  # before GAE, which updates the normaliser ("iteration")
+        next_value = module.value_normalizer.denormalize(module.values(rollout["next"]))[truncated]
+    batch, _ = module.compute_advantages(rollout)
+    target = batch["value_target"].reshape(*truncated.shape, -1)[truncated]
+    reward = rollout["next", "reward"][truncated]
+    expected = reward if time_limit == "terminal" else reward + module.hparams.gamma * next_value
+    torch.testing.assert_close(target, expected.expand_as(target), rtol=1e-5, atol=1e-5)
+    assert next_value.abs().min() > 1e-3  # the two modes really differ here
+
+
+def test_value_normalizer_follows_the_official_update_order() -> None:
+    """The statistics after one MAPPO update equal the official order: one update with each
+    minibatch's targets right before its value loss, over the shuffled minibatches of every epoch."""
+    module = small_module(algorithm="mappo", sharing="nops")
+    fit_quietly(module)
+    batch, _ = module.compute_advantages(sampled_rollout(module))
+    generator = torch.Generator().set_state(module.generator.get_state())
+    expected = type(module.value_normalizer)(module.n_agents)
+    expected.load_state_dict(module.value_normalizer.state_dict())
+    size = batch.numel() // module.hparams.num_minibatches
+    for _ in range(module.hparams.ppo_epochs):
+        order = torch.randperm(batch.numel(), generator=generator)
+        for start in range(0, batch.numel(), size):
+            targets = batch["value_target"][order[start : start + size]]
+            expected.update(expected.moments(targets))
+    module.scheme.update(module, batch)
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(module.value_normalizer.state_dict()[name], value, rtol=0, atol=0)
+    assert expected.running_mean.shape == (module.n_agents,)  # NoPS: one normaliser per agent
+
+
+def test_value_normalizer_once_per_iteration_option() -> None:
+    module = small_module(algorithm="fp3o", sharing="fups", value_norm_update="iteration")
+    fit_quietly(module)
+    before = module.value_normalizer.debiasing_term.clone()
+    batch, _ = module.compute_advantages(sampled_rollout(module))
+    after_gae = module.value_normalizer.debiasing_term.clone()
+    module.scheme.update(module, batch)
+    beta = module.value_normalizer.beta
+    torch.testing.assert_close(after_gae, before * beta + (1 - beta))  # one update, with GAE
+    assert torch.equal(module.value_normalizer.debiasing_term, after_gae)  # none in the phases
+
+
+@pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
+def test_agent_critic_and_agent_id_by_default(sharing: str) -> None:
+    module = small_module(sharing=sharing)
+    assert isinstance(module.critic, AgentCritic)
+    observation_size = 9  # Hopper 3x1's largest observation
+    first = module.policy.trunk[1]  # after the input LayerNorm
+    assert first.weight.shape[-1] == observation_size + module.n_agents
+    per_agent = sharing == "nops"
+    assert module.value_normalizer.running_mean.shape == ((module.n_agents,) if per_agent else (1,))
+    batch, _ = module.compute_advantages(sampled_rollout(module, steps=16))
+    assert batch["advantage"].shape == (batch.numel(), module.n_agents)
+
+
+def test_team_critic_and_no_agent_id_options() -> None:
+    module = small_module(sharing="nops", critic="team", agent_id=False)
+    assert isinstance(module.critic, CentralCritic)
+    assert module.policy.trunk[1].weight.shape[-1] == 9
+    assert module.value_normalizer.running_mean.shape == (1,)
+    batch, _ = module.compute_advantages(sampled_rollout(module, steps=16))
+    assert batch["advantage"].shape == (batch.numel(), 1)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_paps_heads_learn_at_n_agents_times_the_actor_rate(scale: bool) -> None:
+    module = small_module(sharing="paps", paps_head_lr_scale=scale, actor_lr=1e-3)
+    trainer = fit_quietly(module)
+    groups = trainer.optimizers[0].param_groups
+    if not scale:
+        assert len(groups) == 1 and groups[0]["lr"] == 1e-3
+        return
+    trunk, heads = groups
+    assert trunk["lr"] == 1e-3 and heads["lr"] == pytest.approx(1e-3 * module.n_agents)
+    head_ids = {id(p) for p in heads["params"]}
+    assert head_ids == {id(p) for p in (module.policy.log_std, *module.policy.head.parameters())}
+    assert not head_ids & {id(p) for p in trunk["params"]}
+
+
+@pytest.mark.parametrize("option", ["time_limit", "critic", "value_norm_update"])
+def test_unknown_option_values_name_the_choices(option: str) -> None:
+    with pytest.raises(ValueError, match=f"model.{option}='nope' is unknown; choose one of"):
+        small_module(**{option: "nope"})
