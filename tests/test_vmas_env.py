@@ -20,13 +20,19 @@ from fp3o_lightning.module import FP3OModule  # noqa: E402
 
 from .conftest import fit_quietly  # noqa: E402
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
 
 def _random_actions(env: VMASEnv, steps: int, seed: int) -> torch.Tensor:
-    """In-bound float32 actions ``[steps, num_envs, n_agents, max_action_dim]``."""
+    """In-bound float32 actions ``[steps, num_envs, n_agents, max_action_dim]`` on the env's device.
+
+    Drawn on the CPU (the same actions whatever the device), then moved.
+    """
     gen = torch.Generator().manual_seed(seed)
     spec = env.full_action_spec["agents", "action"]
     low, high = spec.space.low, spec.space.high
-    return low + (high - low) * torch.rand((steps, *spec.shape), generator=gen)
+    return low + (high - low) * torch.rand((steps, *spec.shape), generator=gen).to(spec.device)
 
 
 def _rollout(
@@ -153,12 +159,13 @@ def test_termination_is_vmas_done() -> None:
     assert terminated.any() and not data["next", "truncated"].any()
 
 
-def test_partial_reset() -> None:
-    env = VMASEnv("balance", num_envs=3, max_episode_steps=6, seed=0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_partial_reset(device: str) -> None:
+    env = VMASEnv("balance", num_envs=3, max_episode_steps=6, seed=0, device=device)
     td = env.reset()
     data, td = _rollout(env, _random_actions(env, 3, seed=0), td)
     before = td.clone()
-    td["_reset"] = torch.tensor([[False], [True], [False]])
+    td["_reset"] = torch.tensor([[False], [True], [False]], device=device)
     after = env.reset(td)
     obs_before, obs_after = before["agents", "observation"], after["agents", "observation"]
     assert torch.equal(obs_after[[0, 2]], obs_before[[0, 2]])
@@ -169,6 +176,69 @@ def test_partial_reset() -> None:
     assert truncated[:, 0].nonzero().flatten().tolist() == [2]
     assert truncated[:, 2].nonzero().flatten().tolist() == [2]
     assert truncated[:, 1].nonzero().flatten().tolist() == [5]
+
+
+def _loaded(env: VMASEnv, state: dict, actions: torch.Tensor) -> VMASEnv:
+    """``env`` stepped once (so that every attribute of the scenario exists), then loaded with ``state``."""
+    _rollout(env, actions[:1])
+    env.set_extra_state(state)
+    return env
+
+
+def _stepped(env: VMASEnv, actions: torch.Tensor) -> TensorDict:
+    """Observations, rewards, terminations ``[steps, num_envs]`` of ``env.step`` from its state (no reset)."""
+    td = TensorDict({}, batch_size=env.batch_size, device=env.device)
+    out = []
+    for action in actions:
+        td = env.step(td.set(("agents", "action"), action))["next"]
+        out.append(td.select(("agents", "observation"), "reward", "terminated"))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("scenario", "as_full_reset"),
+    [("balance", True), ("transport", True), ("simple_push", False)],  # simple_push: a goal shared by all
+)
+def test_partial_reset_is_a_full_reset_of_the_selected_envs_only(
+    scenario: str, as_full_reset: bool, device: str
+) -> None:
+    """The reset envs start (and go on) as after VMAS's full reset from the same streams; the others go on as
+    if there had been no reset. Per-index ``reset_at`` calls would fail the first (other random draws), a
+    merge that missed a per-environment tensor (e.g. balance's reward shaping) either."""
+    kwargs = {"num_envs": 6, "max_episode_steps": 1000, "device": device}
+    env = VMASEnv(scenario, seed=5, **kwargs)  # simple_push: its full reset picks the other goal
+    actions = _random_actions(env, 12, seed=0)
+    _, td = _rollout(env, actions[:4])
+    before, previous = env.get_extra_state(), td["agents", "observation"].clone()
+    mask = torch.tensor([True, False, False, True, False, True], device=device)
+    td["_reset"] = mask.unsqueeze(-1)
+    reset = env.reset(td)["agents", "observation"]
+    after = env.get_extra_state()
+    full = _loaded(VMASEnv(scenario, seed=2, **kwargs), before, actions)
+    full_reset = full.reset()["agents", "observation"]
+    untouched = _loaded(VMASEnv(scenario, seed=3, **kwargs), {**before, "rng": after["rng"]}, actions)
+
+    assert torch.equal(reset[~mask], previous[~mask])
+    assert not torch.equal(reset[mask], previous[mask])
+    assert torch.equal(after["elapsed"], torch.where(mask.cpu(), 0, before["elapsed"]))
+    assert (after["numbers"], after["references"]) == (before["numbers"], before["references"])
+    got, expected_reset, expected_untouched = (_stepped(e, actions[4:]) for e in (env, full, untouched))
+    assert (got[:, ~mask] == expected_untouched[:, ~mask]).all()
+    if as_full_reset:
+        assert torch.equal(reset[mask], full_reset[mask])
+        assert (got[:, mask] == expected_reset[:, mask]).all()
+
+
+def test_partial_reset_of_no_env_changes_nothing() -> None:
+    actions = _random_actions(VMASEnv("balance", num_envs=3, seed=0), 8, seed=5)
+    env, other = (VMASEnv("balance", num_envs=3, seed=4) for _ in range(2))
+    _, td = _rollout(env, actions[:4])
+    _rollout(other, actions[:4])
+    previous = td["agents", "observation"].clone()
+    td["_reset"] = torch.zeros(3, 1, dtype=torch.bool)
+    assert torch.equal(env.reset(td)["agents", "observation"], previous)
+    assert (_stepped(env, actions[4:]) == _stepped(other, actions[4:])).all()
 
 
 def test_same_seed_same_rollout_and_set_seed() -> None:
@@ -272,11 +342,12 @@ def test_unknown_scenario_and_bad_arguments() -> None:
         env.to("meta")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_simulates_on_cuda() -> None:
     env = VMASEnv("balance", num_envs=4, seed=0, device="cuda")
     check_env_specs(env)
-    actions = _random_actions(env, 20, seed=0).cuda()
+    actions = _random_actions(env, 20, seed=0)
+    assert actions.device.type == "cuda"
     first, _ = _rollout(env, actions)
     assert first["next", "reward"].device.type == "cuda"
     env.set_seed(0)
@@ -295,7 +366,7 @@ class _DeviceProbe(L.Callback):
 @pytest.mark.parametrize("algorithm", ["mappo", "fp3o"])
 @pytest.mark.parametrize(
     "accelerator",
-    ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+    ["cpu", pytest.param("gpu", marks=needs_cuda)],
 )
 def test_training_runs_the_whole_loop_on_the_training_device(algorithm: str, accelerator: str) -> None:
     """Through the registry: the environment is simulated where the module trains (CUDA when used)."""
