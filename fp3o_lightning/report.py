@@ -8,7 +8,9 @@ or, for tasks whose runs log a win rate (SMAC-style), the median win rate ± std
 value of each row is in bold.
 
 ``fp3o report`` prints the table(s) and writes ``table.md``, ``table.csv`` and one learning-curve
-figure per task, ``curves_<task>.png``, to ``--out``::
+figure per task, ``curves_<task>.png``, to ``--out``. Beside them, with ``rliable`` (the ``ray``
+extra), the IQM and mean of per-task normalised scores, FP3O's probability of improvement and the
+performance profiles, with stratified bootstrap confidence intervals (``report_stats``)::
 
     fp3o report --filter "tags.sweep = 'paper'" --out reports/paper
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import re
 import sys
 import warnings
@@ -589,13 +592,29 @@ def parser() -> argparse.ArgumentParser:
         help="Also report runs that are not FINISHED (running, failed or killed).",
     )
     p.add_argument(
-        "--out", default="reports", help="Directory for table.md, table.csv and curves_<task>.png."
+        "--out",
+        default="reports",
+        help="Directory for table.md, table.csv, curves_<task>.png and the rliable statistics "
+        "(stats.md, stats.csv, profiles.csv, aggregates_/improvement_/profiles_<network type>.png).",
     )
+    p.add_argument(
+        "--reference_scores",
+        metavar="CSV",
+        help="Normalise each task's scores by the given reference scores, a CSV with the header "
+        "task,low,high (default: by the min and max over all runs of the task).",
+    )
+    p.add_argument(
+        "--improver",
+        default="fp3o",
+        help="The algorithm whose probability of improving on each other algorithm is reported.",
+    )
+    p.add_argument("--reps", type=int, default=2000, help="Bootstrap resamples of the confidence intervals.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``fp3o report``: print the tables, write them and the figures to ``--out``; returns the exit code."""
+    """``fp3o report``: print the tables and statistics, write them and the figures to ``--out``; returns
+    the exit code."""
     args = parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ReportWarning)
@@ -609,15 +628,46 @@ def main(argv: list[str] | None = None) -> int:
                 args.win_rate_metric or None,
                 args.include_unfinished,
             )
+            stats = statistics(report, args)
         except ReportError as error:
             _print_warnings(caught)
             print(f"fp3o report: error: {error}", file=sys.stderr)
             return 1
     _print_warnings(caught)
     print(format_report(report))
-    for path in write_report(report, args.out):
+    paths = write_report(report, args.out)
+    if stats is not None:
+        from fp3o_lightning import report_stats
+
+        print(report_stats.format_stats(stats, normalisation(args)))
+        paths += report_stats.write_stats(stats, args.out, normalisation(args))
+    for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def normalisation(args: argparse.Namespace) -> str:
+    return (
+        f"by the reference scores in {args.reference_scores}"
+        if args.reference_scores
+        else "min–max over its runs"
+    )
+
+
+def statistics(report: Report, args: argparse.Namespace) -> list | None:
+    """The rliable statistics (``report_stats``), or None with a note when rliable is not installed."""
+    from fp3o_lightning import report_stats
+
+    if importlib.util.find_spec("rliable") is None:  # rliable comes with the ray extra
+        print(
+            "fp3o report: note: no IQM/bootstrap statistics: pip install -e '.[ray]' (rliable)",
+            file=sys.stderr,
+        )
+        return None
+    if args.reps < 1:
+        raise ReportError(f"--reps {args.reps}: give a positive number of bootstrap resamples, e.g. 2000.")
+    references = report_stats.read_references(args.reference_scores) if args.reference_scores else None
+    return report_stats.compute_stats(report, references, args.improver, args.reps)
 
 
 def _print_warnings(caught: Iterable[warnings.WarningMessage]) -> None:

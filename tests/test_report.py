@@ -7,10 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from fp3o_lightning import report
+from fp3o_lightning import report, report_stats
 from fp3o_lightning.report import ReportWarning, align_curves, build_report, format_report, main
 
 STEPS = (0, 1000, 2000, 3000)
@@ -226,17 +227,26 @@ def test_align_curves_interpolates_onto_common_frames():
 
 def test_main_prints_and_writes_everything(store, tmp_path, capsys):
     out = tmp_path / "reports"
-    assert main(["--tracking_uri", store, "--out", str(out)]) == 0
+    assert main(["--tracking_uri", store, "--out", str(out), "--reps", "200"]) == 0
     captured = capsys.readouterr()
     assert "| FuPS    | HalfCheetah 6x1 | **4100.0** ± 81.6" in captured.out
     assert captured.err.count("untagged-run") == 1 and "fp3o report: warning:" in captured.err
     assert (out / "table.md").read_text() in captured.out
+    assert (out / "stats.md").read_text() in captured.out
     names = {
         "table.md",
         "table.csv",
         "curves_HalfCheetah_6x1.png",
         "curves_Hopper_3x1.png",
         "curves_3s5z.png",
+        "stats.md",
+        "stats.csv",
+        "profiles.csv",
+        *(
+            f"{figure}_{sharing}.png"
+            for figure in ("aggregates", "profiles", "improvement")
+            for sharing in ("fups", "nops")
+        ),
     }
     assert {p.name for p in out.iterdir()} == names
     assert all((out / n).stat().st_size > 0 for n in names)
@@ -300,3 +310,106 @@ def test_task_metric_falls_back_when_some_runs_lack_eval():
             infos, "eval/return_mean", "train/episode_return", "eval/win_rate"
         )
     assert chosen == {"A": "train/episode_return", "B": "eval/return_mean", "C": "eval/win_rate"}
+
+
+# ------------------------------------------------------------------------------ rliable statistics
+
+
+def synthetic_report(finals: dict[tuple[str, str, str], list[float]]) -> report.Report:
+    cells = {key: report.Cell(*key, metric="m", percent=False, finals=list(v)) for key, v in finals.items()}
+    return report.Report(cells, {key[1]: "m" for key in finals})
+
+
+def test_bounds_are_min_max_over_all_runs_of_a_task_or_the_references(built, tmp_path):
+    bounds = report_stats.task_bounds(built)
+    assert bounds["HalfCheetah 6x1"] == (3000, 5100) and bounds["Hopper 3x1"] == (1000, 4000)
+    references = tmp_path / "refs.csv"
+    references.write_text(
+        "task,low,high\nHopper 3x1,0,5000\nHalfCheetah 6x1,-100,6000\n3s5z,0,100\nother,1,2\n"
+    )
+    assert report_stats.task_bounds(built, report_stats.read_references(references))["3s5z"] == (0, 100)
+    references.write_text("task,low,high\nHopper 3x1,0,5000\n")
+    with pytest.raises(
+        report.ReportError, match="no row for HalfCheetah 6x1, 3s5z; add 'task,low,high' rows"
+    ):
+        report_stats.task_bounds(built, report_stats.read_references(references))
+    references.write_text("task,low,high\nHopper 3x1,5,5\n")
+    with pytest.raises(report.ReportError, match="low equals high for Hopper 3x1"):
+        report_stats.read_references(references)
+
+
+def test_statistics_use_the_largest_complete_block_of_cells(built):
+    # FuPS: IPPO has only 3s5z, HAPPO lacks it; NoPS: MAPPO lacks Hopper
+    assert report_stats.complete_block(built, "fups") == (
+        ["fp3o", "happo", "mappo"],
+        ["Hopper 3x1", "HalfCheetah 6x1"],
+    )
+    assert report_stats.complete_block(built, "nops") == (
+        ["fp3o", "happo"],
+        ["Hopper 3x1", "HalfCheetah 6x1"],
+    )
+    with pytest.warns(
+        ReportWarning,
+        match="FuPS: the aggregate statistics leave out FP3O on 3s5z, IPPO on 3s5z, MAPPO on 3s5z ",
+    ):
+        tasks, n_runs, matrices = report_stats.score_matrices(built, "fups", report_stats.task_bounds(built))
+    assert tasks == ["Hopper 3x1", "HalfCheetah 6x1"] and n_runs == 3
+    np.testing.assert_allclose(matrices["fp3o"][:, 1], np.array([1000, 1100, 1200]) / 2100)
+    np.testing.assert_allclose(matrices["mappo"][:, 0], np.array([0, 1000, 2000]) / 3000)
+
+
+def test_fewest_seeds_are_used_for_a_full_matrix():
+    finals = {("nops", "A", "fp3o"): [1, 2, 3], ("nops", "A", "happo"): [0, 1]}
+    with pytest.warns(ReportWarning, match="use the first 2 seed"):
+        _, n_runs, matrices = report_stats.score_matrices(synthetic_report(finals), "nops", {"A": (0, 4)})
+    assert n_runs == 2 and matrices["fp3o"].tolist() == [[0.25], [0.5]]
+
+
+def test_iqm_mean_improvement_and_profiles():
+    rng = np.random.default_rng(0)
+    finals = {("fups", task, "fp3o"): list(rng.uniform(60, 100, 5)) for task in ("A", "B")}
+    finals |= {("fups", task, "happo"): list(rng.uniform(0, 40, 5)) for task in ("A", "B")}
+    finals |= {("fups", task, "mappo"): finals[("fups", task, "fp3o")] for task in ("A", "B")}
+    (stats,) = report_stats.compute_stats(synthetic_report(finals), {"A": (0, 100), "B": (0, 100)}, reps=200)
+    assert stats.tasks == ["A", "B"] and stats.n_runs == 5
+    fp3o_scores = np.array([finals[("fups", t, "fp3o")] for t in ("A", "B")]) / 100
+    iqm, mean = stats.aggregates["fp3o"]["IQM"], stats.aggregates["fp3o"]["Mean"]
+    assert mean.value == pytest.approx(fp3o_scores.mean())
+    assert iqm.value == pytest.approx(scipy.stats.trim_mean(fp3o_scores.ravel(), 0.25))
+    assert iqm.low <= iqm.value <= iqm.high and iqm.low < iqm.high
+    assert stats.improvement["happo"] == report_stats.Estimate(1.0, 1.0, 1.0)  # FP3O beats every HAPPO run
+    assert stats.improvement["mappo"].value == pytest.approx(0.5)  # same scores: a coin toss
+    fractions, ci = stats.profiles["happo"]
+    assert fractions[0] == 1.0 and fractions[-1] == 0.0 and np.all(np.diff(fractions) <= 0)
+    assert np.all(ci[0] <= fractions + 1e-12) and np.all(fractions <= ci[1] + 1e-12)
+
+
+def test_stats_outputs(built, tmp_path):
+    with pytest.warns(ReportWarning):
+        stats = report_stats.compute_stats(built, reps=100)
+    paths = report_stats.write_stats(stats, tmp_path, "min–max over its runs")
+    markdown = (tmp_path / "stats.md").read_text()
+    assert "## FuPS: 2 task(s) × 3 seed(s)" in markdown and "## NoPS: 2 task(s) × 3 seed(s)" in markdown
+    rows = table_rows(section(markdown, "## NoPS"), "| Algorithm")
+    assert rows[0] == ["Algorithm", "IQM [95% CI]", "Mean [95% CI]", "P(FP3O > algorithm) [95% CI]"]
+    assert [r[0] for r in rows[1:]] == ["FP3O", "HAPPO"] and rows[1][3] == "–"
+    with open(tmp_path / "stats.csv") as f:
+        lines = list(csv.DictReader(f))
+    nops = {(r["algorithm"], r["statistic"]): r for r in lines if r["sharing"] == "nops"}
+    assert set(nops) == {(a, s) for a in ("fp3o", "happo") for s in ("IQM", "Mean")} | {
+        ("happo", "P(fp3o > algorithm)")
+    }
+    assert float(nops[("fp3o", "Mean")]["estimate"]) == pytest.approx(
+        stats[1].aggregates["fp3o"]["Mean"].value
+    )
+    with open(tmp_path / "profiles.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(report_stats.TAUS) * (3 + 2)
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_main_with_missing_reference_scores_names_the_fix(store, tmp_path, capsys):
+    references = tmp_path / "refs.csv"
+    references.write_text("task,low,high\nHopper 3x1,0,5000\n")
+    argv = ["--tracking_uri", store, "--out", str(tmp_path / "out"), "--reference_scores", str(references)]
+    assert main(argv) == 1
+    assert "--reference_scores has no row for HalfCheetah 6x1, 3s5z" in capsys.readouterr().err
