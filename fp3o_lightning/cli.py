@@ -1,14 +1,16 @@
 """The ``fp3o`` console script: LightningCLI over ``FP3OModule`` with MLflow logging by default.
 
 ``fp3o fit --config configs/mamujoco/halfcheetah_6x1.yaml`` trains; ``--print_config`` shows every
-option with its value; ``--help`` documents them. Runs go to an embedded MLflow store
-(``sqlite:///mlflow.db`` in the working directory, artifacts under ``./mlartifacts``) unless
-``--trainer.logger`` says otherwise; checkpoints go to ``checkpoints/<run id>/``.
+option with its value; ``fp3o --help`` lists the commands and ``fp3o fit --help`` documents the options.
+Runs go to an embedded MLflow store (``sqlite:///mlflow.db`` in the working directory, artifacts under
+``./mlartifacts``) unless ``--trainer.logger`` says otherwise; checkpoints go to ``checkpoints/<run id>/``.
+A fit ends by printing where everything is (``run_summary``).
 
 - ``fp3o fit … --ckpt_path last`` resumes the newest ``checkpoints/*/last.ckpt`` (or a given path)
-  and continues its MLflow run.
+  and continues its MLflow run; with a larger ``--model.total_frames`` it extends the run. The model's
+  options come from the checkpoint, except those in ``RESUMABLE``, which the command line may change.
 - ``fp3o validate --ckpt_path PATH`` and ``fp3o test --ckpt_path PATH`` evaluate a saved policy
-  (``eval_episodes`` deterministic episodes); with a checkpoint, the model's options come from it.
+  (``eval_episodes`` deterministic episodes).
 - ``fp3o report …`` prints the paper's tables from MLflow runs (``fp3o_lightning.report``);
   ``fp3o sweep …`` runs a grid of fits over seeds (``fp3o_lightning.sweep``);
   ``fp3o render --ckpt_path PATH`` writes an evaluation episode to mp4/gif (``fp3o_lightning.render``).
@@ -19,23 +21,65 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib
+import inspect
 import logging
 import os
 import re
+import shlex
 import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 
+from fp3o_lightning.callbacks import IterationCheckpoint, IterationProgressBar
 from fp3o_lightning.callbacks.checkpoints import CHECKPOINT_ROOT
 from fp3o_lightning.module import FP3OModule
+
+#: Every ``fp3o`` command, as ``fp3o --help`` lists it.
+COMMANDS = {
+    "fit": "Train a policy; with --ckpt_path, resume a run or extend it (a larger --model.total_frames).",
+    "validate": "Evaluate a checkpoint's policy: eval_episodes deterministic episodes, logged as eval/.",
+    "test": "The same evaluation, logged as test/.",
+    "sweep": "Run a grid of fits over seeds; run it again to resume the unfinished ones.",
+    "report": "Print the paper's result tables and learning curves from MLflow runs.",
+    "render": "Record a checkpoint's policy playing an episode, to mp4 or gif.",
+}
+#: The commands run by modules of their own rather than by LightningCLI.
+COMMAND_MODULES = {
+    "report": "fp3o_lightning.report",
+    "sweep": "fp3o_lightning.sweep",
+    "render": "fp3o_lightning.render",
+}
+#: Lightning's ``predict`` has nothing to predict here: what to use instead.
+NO_PREDICT = (
+    "fp3o predict: there is nothing to predict; evaluate a policy with `fp3o validate --ckpt_path PATH` "
+    "or record an episode of it with `fp3o render --ckpt_path PATH`"
+)
+#: The model options that a resumed run (``--ckpt_path``) takes from the command line: how long it
+#: trains, how it is evaluated, checkpointed and diagnosed, and how it computes. Every other option
+#: defines the learning problem and keeps the checkpoint's value (new options too); giving it a
+#: different value stops the command. The Trainer's and the logger's options may always change.
+RESUMABLE = frozenset(
+    {
+        "total_frames",
+        "eval_interval",
+        "eval_episodes",
+        "eval_num_envs",
+        "checkpoint_interval",
+        "diagnostics_interval",
+        "num_threads",
+        "compile_update",
+        "nonfinite",
+    }
+)
 
 
 class LogConfigToMLflow(SaveConfigCallback):
@@ -53,13 +97,13 @@ class LogConfigToMLflow(SaveConfigCallback):
 
 
 def trainer_defaults() -> dict[str, Any]:
-    """One progress-barred epoch of ``num_iterations`` steps, logged to a local MLflow store."""
+    """One epoch of ``num_iterations`` steps, logged to a local MLflow store."""
     return {
         "max_epochs": 1,
         "num_sanity_val_steps": 0,
         "log_every_n_steps": 1,
         "logger": {
-            "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+            "class_path": "fp3o_lightning.loggers.ResumableMLFlowLogger",
             "init_args": {
                 "experiment_name": "fp3o",
                 # absolute: MLflow caches stores by URI, so a relative one would outlive a chdir
@@ -126,15 +170,50 @@ def _environment(**variables: str) -> Iterator[None]:
 
 
 class FP3OCLI(LightningCLI):
-    """LightningCLI that resolves ``--ckpt_path last`` and resumes fits into their MLflow run.
+    """LightningCLI with ``fp3o``'s commands, resumable and extensible fits into their MLflow run, the
+    iteration progress bar and a summary at the end of a fit."""
 
-    With a checkpoint, Lightning's CLI rebuilds the model from the checkpoint's hyperparameters.
-    """
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, without ``predict``."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in COMMANDS}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands, described for ``fp3o``, and the commands ``main`` runs itself."""
+        super()._add_subcommands(parser, **kwargs)
+        subcommands = parser._subcommands_action
+        for choice in subcommands._choices_actions:
+            choice.help = COMMANDS[choice.dest]
+        for name in filter(COMMAND_MODULES.__contains__, COMMANDS):
+            description = f"{COMMANDS[name]} See `fp3o {name} --help`."
+            subcommands.add_subcommand(name, ArgumentParser(description=description), help=COMMANDS[name])
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        """Lightning's; also keeps the command line and the options it gives (there or in config files)."""
+        super().parse_arguments(parser, args)
+        self.argv = sys.argv[1:] if args is None else list(args)
+        self.given = parser.parse_args(self.argv, defaults=False)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path`` (``last``: the newest ``checkpoints/*/last.ckpt``), the model's options are
+        the checkpoint's (Lightning's own), except the ``RESUMABLE`` ones given, which take the command
+        line's value; any other option given a value other than the checkpoint's stops the command."""
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = find_last_checkpoint()
+        if not config.get("ckpt_path"):
+            return
+        given = self.given[self.config.subcommand].get("model")
+        given = given.as_dict() if given is not None else {}
+        check_unchanged(config.ckpt_path, given, self.model_class)
+        super()._parse_ckpt_path()  # a new self.config
+        for name in RESUMABLE.intersection(given):
+            self.config[self.config.subcommand].model[name] = given[name]
 
     def before_instantiate_classes(self) -> None:
-        if self.config[self.subcommand].get("ckpt_path") == "last":
-            self.config[self.subcommand].ckpt_path = find_last_checkpoint()
-            self._parse_ckpt_path()  # Lightning's own: the model's options from the checkpoint
+        """Check the MLflow store; a fit from a checkpoint continues its MLflow run."""
         config = self.config[self.subcommand]
         check_mlflow_store(config.trainer.get("logger"))
         if self.subcommand != "fit" or config.get("ckpt_path") is None:
@@ -144,25 +223,134 @@ class FP3OCLI(LightningCLI):
         if run and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
             logger.init_args.run_id = run["run_id"]  # continue the same MLflow run
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's Trainer, whose default progress bar is the ``IterationProgressBar``."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(callback, ProgressBar) for callback in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, IterationProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """``compile_update`` on the CPU: stop now, naming the fix, if there is no C++ compiler."""
+        if self.model.hparams.compile_update and self.trainer.strategy.root_device.type == "cpu":
+            check_cpp_compiler()
+
     def after_fit(self) -> None:
-        """An interrupted fit: mark its MLflow run KILLED and say how to resume."""
-        module = self.model
-        if not module.interrupted:
-            return
-        for logger in self.trainer.loggers:
-            if isinstance(logger, MLFlowLogger):
-                logger.experiment.set_terminated(logger.run_id, "KILLED")
-        print(
-            f"Interrupted ({module.interrupted}) after iteration {module.iteration} "
-            f"({module.frames} frames); resume with the same command and --ckpt_path last"
+        """Mark an interrupted fit's MLflow run KILLED; print where everything is."""
+        if self.model.interrupted:
+            for logger in self.trainer.loggers:
+                if isinstance(logger, MLFlowLogger):
+                    logger.experiment.set_terminated(logger.run_id, "KILLED")
+        if self.trainer.is_global_zero:
+            print(run_summary(self.trainer, self.model, self.argv))
+
+
+def check_unchanged(path: str, given: dict[str, Any], model_class: type) -> None:
+    """Raise, naming them, where model options given, other than ``RESUMABLE`` ones, differ from the
+    checkpoint's (from their default, for options newer than the checkpoint)."""
+    saved = load_checkpoint(path).get("hyper_parameters", {})
+    parameters = inspect.signature(model_class).parameters
+    differ = []
+    for name, value in given.items():
+        before = saved.get(name, parameters[name].default)
+        if name not in RESUMABLE and not _agrees(value, before):
+            differ.append(f"model.{name}={value!r} (the checkpoint's: {before!r})")
+    if differ:
+        raise ValueError(
+            f"--ckpt_path {path}: {', '.join(differ)}. Options that define the learning problem cannot "
+            "change on resume. Fix: drop them (the run keeps its own), or start a new run without "
+            f"--ckpt_path. On resume, model.{', model.'.join(sorted(RESUMABLE))} and the Trainer's and "
+            "logger's options may change."
         )
 
 
-COMMANDS = {
-    "report": "fp3o_lightning.report",
-    "sweep": "fp3o_lightning.sweep",
-    "render": "fp3o_lightning.render",
-}
+def _agrees(given: Any, saved: Any) -> bool:
+    """Whether a value given for an option agrees with the checkpoint's (for a dict: the keys given)."""
+    if isinstance(given, dict) and isinstance(saved, dict):
+        return all(key in saved and _agrees(value, saved[key]) for key, value in given.items())
+    return given == saved
+
+
+def check_cpp_compiler() -> None:
+    """Raise, naming the fix, where ``torch.compile``'s CPU backend (inductor) finds no C++ compiler."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler as error:
+        raise RuntimeError(
+            f"model.compile_update needs a C++ compiler for torch.compile on the CPU and found none "
+            f"({error}). Fix: install one (e.g. `apt-get install g++`, or point the CXX environment "
+            "variable at one), or train without compiling: --model.compile_update false"
+        ) from error
+
+
+def run_summary(trainer: Trainer, module: FP3OModule, argv: list[str]) -> str:
+    """What a fit leaves and where: frames trained, the last returns, the MLflow run and how to open it,
+    the checkpoints and how to resume (an interrupted fit) or extend (a finished one) the run."""
+    total = module.hparams.total_frames
+    state = f"interrupted ({module.interrupted})" if module.interrupted else "finished"
+    lines = [f"fp3o fit {state}: {module.frames:,} frames in {module.iteration} iterations"]
+    lines[0] += f" (total_frames {total:,})"
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            lines += mlflow_summary(logger)
+            break
+    checkpoints = next((c for c in trainer.checkpoint_callbacks if isinstance(c, IterationCheckpoint)), None)
+    if checkpoints is None:
+        return "\n".join(lines)
+    command = ["fp3o", *without_options(argv, "--ckpt_path", "--model.total_frames")]
+    command += ["--ckpt_path", os.path.join(checkpoints.dirpath, "last.ckpt")]
+    lines.append(f"  checkpoints   {checkpoints.dirpath}/")
+    if module.interrupted:
+        lines.append(f"  resume        {shlex.join([*command, '--model.total_frames', str(total)])}")
+    else:
+        lines.append(f"  extend        {shlex.join([*command, '--model.total_frames', str(2 * total)])}")
+    return "\n".join(lines)
+
+
+def mlflow_summary(logger: MLFlowLogger) -> list[str]:
+    """The run's last training and evaluation returns, its name and id, and how to open it in MLflow."""
+    client, run_id = logger.experiment, logger.run_id
+    run = client.get_run(run_id)
+    metrics, uri = run.data.metrics, client.tracking_uri
+    returns = []
+    if "train/episode_return" in metrics:
+        returns.append(f"train {metrics['train/episode_return']:.4g} (last iteration)")
+    if "eval/return_mean" in metrics:
+        returns.append(
+            f"eval {metrics['eval/return_mean']:.4g} ± {metrics['eval/return_std']:.3g} "
+            f"({metrics['eval/episodes']:.0f} deterministic episodes)"
+        )
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}/model-metrics"
+    if uri.startswith(("http://", "https://")):
+        open_it = f"{uri.rstrip('/')}/{page}"
+    else:
+        open_it = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then http://127.0.0.1:5000/{page}"
+    lines = [f"  returns       {', '.join(returns)}"] if returns else []
+    return lines + [
+        f"  MLflow run    {run.info.run_name} (id {run_id})",
+        f"  tracking URI  {uri}",
+        f"  open it       {open_it}",
+    ]
+
+
+def without_options(argv: list[str], *names: str) -> list[str]:
+    """The command line without the given options (as ``--name value`` or ``--name=value``)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in names:
+            skip_value = True
+        elif arg.split("=", 1)[0] not in names:
+            kept.append(arg)
+    return kept
 
 
 #: Lightning messages that say nothing about an ``fp3o`` run: an advertisement, the notice that the
@@ -197,10 +385,17 @@ def quiet_lightning() -> None:
 def main(args: list[str] | None = None) -> None:
     quiet_lightning()
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] and argv[0] in COMMANDS:  # commands of our own beside Lightning's fit/validate/test
-        sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]))
+    if argv[:1] == ["predict"]:
+        print(NO_PREDICT, file=sys.stderr)
+        sys.exit(2)
+    if argv[:1] and argv[0] in COMMAND_MODULES:  # commands of our own beside Lightning's fit/validate/test
+        sys.exit(importlib.import_module(COMMAND_MODULES[argv[0]]).main(argv[1:]))
     FP3OCLI(
         FP3OModule,
+        parser_kwargs={
+            "description": "FP3O, HAPPO, MAPPO and IPPO for cooperative multi-agent RL.",
+            **{name: {"description": COMMANDS[name]} for name in FP3OCLI.subcommands()},
+        },
         save_config_callback=LogConfigToMLflow,
         save_config_kwargs={"save_to_log_dir": False},
         trainer_defaults=trainer_defaults(),

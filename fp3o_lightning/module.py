@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.strategies import DDPStrategy
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
@@ -60,6 +61,16 @@ CRITICS = ("agent", "team")
 VALUE_NORM_UPDATES = ("minibatch", "iteration")
 EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
+# The iteration statistics logged under train/ (the run's progress); the update's go under update/.
+TRAIN_METRICS = (
+    "episode_return",
+    "episodes",
+    "win_rate",
+    "fps",
+    "rollout_seconds",
+    "update_seconds",
+    "skipped_updates",
+)
 DEFAULT_ENV: dict[str, Any] = {
     "name": "mamujoco",
     "scenario": "HalfCheetah",
@@ -341,6 +352,13 @@ class FP3OModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.num_threads:
             torch.set_num_threads(self.hparams.num_threads)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            # HAPPO's actor-only and critic-only phases (and frozen networks in general) leave
+            # parameters without gradients in some backward passes, which DDP rejects unless told to
+            # look for them. Lightning's hook runs before the strategy wraps the module, so the user's
+            # plain ``--trainer.strategy ddp`` works; the option has no public setter after construction.
+            strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_fit_start(self) -> None:
         """Build the collector once the module is on its device; seeds are offset by global rank.
@@ -419,6 +437,11 @@ class FP3OModule(L.LightningModule):
         if self._collector is not None:
             self._collector.shutdown()
             self._collector = None
+
+    def on_train_epoch_end(self) -> None:
+        """``total_frames`` ends training, whatever the Trainer's epochs (its iterations fill one epoch)."""
+        if self.iteration >= self.num_iterations:
+            self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
         """A final evaluation, unless the last iteration was just evaluated (Lightning also validates
@@ -505,7 +528,7 @@ class FP3OModule(L.LightningModule):
         stats["explained_variance"] = value_explained
         end = time.perf_counter()
         stats["fps"] = torch.tensor(rollout.numel() / (end - start))
-        stats["collect_seconds"] = torch.tensor(collected - start)
+        stats["rollout_seconds"] = torch.tensor(collected - start)
         stats["update_seconds"] = torch.tensor(end - collected)  # host time (CUDA may still be busy)
         self.log_iteration(rollout, returns_so_far, stats)
         interval = self.hparams.diagnostics_interval
@@ -656,9 +679,14 @@ class FP3OModule(L.LightningModule):
         return loss, policy_loss, entropy, value_loss, log_prob
 
     def compiled_minibatch_loss(self) -> Any:
-        """:meth:`minibatch_loss` compiled by ``torch.compile`` (once per process, at first use)."""
+        """:meth:`minibatch_loss` compiled by ``torch.compile`` (once per process, at first use).
+
+        On CUDA in the ``reduce-overhead`` mode: the forward and backward graphs are captured as CUDA
+        graphs and replayed, one launch each instead of dozens of kernels of the paper's small networks.
+        """
         if "compiled_loss" not in self._runtime:
-            self._runtime["compiled_loss"] = torch.compile(self.minibatch_loss, dynamic=False)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._runtime["compiled_loss"] = torch.compile(self.minibatch_loss, dynamic=False, mode=mode)
         return self._runtime["compiled_loss"]
 
     def ppo_phase(
@@ -712,6 +740,8 @@ class FP3OModule(L.LightningModule):
                 minibatch = shuffled[start : start + size]
                 if train_critic and hp.value_norm_update == "minibatch":
                     self.update_value_normalizer(minibatch["value_target"])
+                if hp.compile_update and self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
                 loss, policy_loss, entropy, value_loss, log_prob = minibatch_loss(
                     minibatch,
                     None if factor is None else shuffled_factor[start : start + size],
@@ -783,7 +813,9 @@ class FP3OModule(L.LightningModule):
         returns, wins = [], []
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             while sum(r.numel() for r in returns) < hp.eval_episodes:
-                rollout = env.rollout(env.max_episode_steps, actor, break_when_any_done=False)
+                rollout = env.rollout(
+                    env.max_episode_steps, actor, break_when_any_done=False, auto_cast_to_device=True
+                )
                 done = rollout["next", "done"].squeeze(-1)
                 in_first_episode = (done.cumsum(-1) - done.long()) == 0
                 returns.append((rollout["next", "reward"].squeeze(-1) * in_first_episode).sum(-1))
@@ -827,8 +859,10 @@ class FP3OModule(L.LightningModule):
     ) -> None:
         """Log one iteration to every logger, with the environment frame count as the step.
 
-        Scalars go under ``train/``; per-agent vectors under ``agent_<i>/`` (and their mean under
-        ``train/``); agent orders (FP3O's selection, HAPPO's update order) under ``selection/``.
+        The run's progress (``TRAIN_METRICS``: returns, frames, time) goes under ``train/``, the update's
+        statistics under ``update/``: per-agent vectors under ``update/agent_<i>/`` and their mean under
+        ``update/``, agent orders (FP3O's selection, HAPPO's update order) under ``update/selection/``.
+        MLflow's run page shows its sections in name order: ``eval/``, ``train/``, then ``update/``.
         Everything reaches the host in one transfer. ``returns_so_far`` are the rollout's returns
         from ``episode_returns``; those where an episode finished are logged.
         """
@@ -841,13 +875,15 @@ class FP3OModule(L.LightningModule):
         flat = torch.cat([v.detach().float().reshape(-1).to(self.device) for v in values]).cpu()
         metrics = {"train/frames": float(self.frames), "train/iteration": float(self.iteration)}
         for name, value in zip(names, flat.split([v.numel() for v in values]), strict=True):
-            if name in AGENT_ORDERS:
-                metrics |= {f"selection/{name}_{p}": float(v) for p, v in enumerate(value)}
-            elif stats[name].dim() == 0:
+            if name in TRAIN_METRICS:
                 metrics[f"train/{name}"] = float(value)
+            elif name in AGENT_ORDERS:
+                metrics |= {f"update/selection/{name}_{p}": float(v) for p, v in enumerate(value)}
+            elif stats[name].dim() == 0:
+                metrics[f"update/{name}"] = float(value)
             else:
-                metrics |= {f"agent_{i}/{name}": float(v) for i, v in enumerate(value)}
-                metrics[f"train/{name}"] = float(value.mean())
+                metrics |= {f"update/agent_{i}/{name}": float(v) for i, v in enumerate(value)}
+                metrics[f"update/{name}"] = float(value.mean())
         if not returns.numel():  # no episode ended in this rollout
             for name in ("train/episode_return", "train/win_rate"):
                 metrics.pop(name, None)
@@ -897,6 +933,10 @@ class FP3OModule(L.LightningModule):
             self.generator.set_state(state["generator"])
         if "collector" in state:  # applied when the collector is rebuilt, in on_fit_start
             self._runtime["resume"] = {"collector": state["collector"], "rng": state["rng"]}
+        # The epoch ends at num_iterations, which a resumed run may have raised (a larger total_frames),
+        # not where the checkpoint's epoch ended: Lightning restores that from "is_last_batch".
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        progress["is_last_batch"] = False
 
 
 def rng_states() -> dict[str, Any]:

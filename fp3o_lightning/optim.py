@@ -33,26 +33,29 @@ class AgentFreezer:
     def __init__(
         self, parameters: Sequence[Tensor], optimizer: torch.optim.Optimizer, frozen: Tensor
     ) -> None:
-        self.frozen = frozen
+        # Indices, not a boolean mask: indexing with a mask costs a host sync on every restore.
+        self.index = frozen.nonzero().squeeze(-1)
         self.parameters = list(parameters)
         self.optimizer = optimizer
         self.saved = [self._slices(p) for p in self.parameters]
 
     def _slices(self, parameter: Tensor) -> dict[str, Tensor]:
         state = self.optimizer.state.get(parameter, {})
-        saved = {"param": parameter.detach()[self.frozen].clone()}
+        saved = {"param": parameter.detach().index_select(0, self.index)}
         for key in ("exp_avg", "exp_avg_sq"):
-            saved[key] = state[key][self.frozen].clone() if key in state else torch.zeros_like(saved["param"])
+            saved[key] = (
+                state[key].index_select(0, self.index) if key in state else torch.zeros_like(saved["param"])
+            )
         return saved
 
     @torch.no_grad()
     def restore(self) -> None:
         for parameter, saved in zip(self.parameters, self.saved, strict=True):
-            parameter[self.frozen] = saved["param"]
+            parameter.index_copy_(0, self.index, saved["param"])
             state = self.optimizer.state.get(parameter, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    state[key][self.frozen] = saved[key]
+                    state[key].index_copy_(0, self.index, saved[key])
 
 
 def skip_step_unless(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:

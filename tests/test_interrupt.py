@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, s
     process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
-    assert "resume with the same command and --ckpt_path last" in output
+    resume = r"resume +fp3o fit .* --ckpt_path checkpoints/\w+/last\.ckpt --model\.total_frames 1500"
+    assert "fp3o fit interrupted" in output and re.search(resume, output)
     (checkpoint,) = tmp_path.glob("checkpoints/*/last.ckpt")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("fp3o").experiment_id])

@@ -25,7 +25,12 @@ ARGS = [
     "--model.checkpoint_interval=1",
     "--trainer.enable_progress_bar=false",
 ]
-METRICS = ("train/episode_return", "train/value_loss_independence", "agent_1/kl_old_new", "eval/return_mean")
+METRICS = (
+    "train/episode_return",
+    "update/value_loss_independence",
+    "update/agent_1/kl_old_new",
+    "eval/return_mean",
+)
 
 
 class CrashAt(L.Callback):

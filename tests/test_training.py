@@ -52,16 +52,16 @@ def test_fit_writes_an_mlflow_run(tmp_path, monkeypatch):
         "train/frames",
         "train/fps",
         "train/episode_return",
-        "train/value_loss_independence",
-        "train/value_loss_dependence",
-        "train/explained_variance",
-        "train/entropy_independence",
-        "train/gate",
-        "train/clip_fraction_independence",
-        "train/clip_fraction_dependence",
+        "update/value_loss_independence",
+        "update/value_loss_dependence",
+        "update/explained_variance",
+        "update/entropy_independence",
+        "update/gate",
+        "update/clip_fraction_independence",
+        "update/clip_fraction_dependence",
     }
     for agent in range(3):
-        expected |= {f"agent_{agent}/kl_old_middle", f"agent_{agent}/kl_old_new"}
+        expected |= {f"update/agent_{agent}/kl_old_middle", f"update/agent_{agent}/kl_old_new"}
     assert expected <= metrics, expected - metrics
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/fps")]
     assert steps == [128, 256]  # the step is the environment frame count
@@ -142,7 +142,7 @@ DDP_SCRIPT = textwrap.dedent(
                 spread = (gathered - gathered[0]).abs().max().item()
                 open({out!r}, "w").write(f"{{spread}} {{module.frames}} {{module.iteration}}")
 
-    module = small_module(total_frames=512, compile_update={compile_update})
+    module = small_module(total_frames=512, compile_update={compile_update}, **{options!r})
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -153,12 +153,25 @@ DDP_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    "compile_update", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+    ("compile_update", "options"),
+    [
+        (False, {"algorithm": "fp3o", "sharing": "nops"}),
+        # HAPPO's actor-only and critic-only phases leave parameters without gradients.
+        (False, {"algorithm": "happo", "sharing": "paps"}),
+        (False, {"algorithm": "fp3o", "sharing": "fups", "actor_network": "rnn", "data_chunk_length": 8}),
+        pytest.param(False, {"algorithm": "happo", "sharing": "nops"}, marks=pytest.mark.slow),
+        pytest.param(False, {"algorithm": "mappo", "sharing": "fups"}, marks=pytest.mark.slow),
+        pytest.param(False, {"algorithm": "ippo", "sharing": "nops"}, marks=pytest.mark.slow),
+        pytest.param(True, {"algorithm": "fp3o", "sharing": "nops"}, marks=pytest.mark.slow),
+    ],
+    ids=["fp3o-nops", "happo-paps", "fp3o-fups-rnn", "happo-nops", "mappo-fups", "ippo-nops", "compiled"],
 )
-def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path, compile_update):
+def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path, compile_update, options):
     out = tmp_path / "ddp.txt"
     script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(out), compile_update=compile_update))
+    script.write_text(
+        DDP_SCRIPT.format(root=str(ROOT), out=str(out), compile_update=compile_update, options=options)
+    )
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )

@@ -69,6 +69,9 @@ class IterationCheckpoint(RunCheckpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Saving is by iteration only."""
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Saving is by iteration only (a resumed fit that trained nothing leaves ``last.ckpt`` as it was)."""
+
 
 class BestEvalCheckpoint(RunCheckpoint):
     """Keeps the checkpoint with the best ``eval/return_mean`` (``best-iteration=<k>.ckpt``)."""

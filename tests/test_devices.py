@@ -1,0 +1,100 @@
+"""Every device combination trains, evaluates and resumes: the environment simulates where it simulates
+(the CPU for MaMuJoCo and SMAX, the training device for VMAS); everything after the rollout runs on
+the Trainer's device. The CUDA cases run where CUDA is, and are skipped elsewhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from fp3o_lightning.cli import main
+
+from .conftest import fit_quietly, small_module
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+HOPPER = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 40}
+SMAX = {"name": "smax", "map_name": "3m", "max_episode_steps": 40}
+VMAS = {"name": "vmas", "scenario": "balance", "n_agents": 3, "max_episode_steps": 40}
+
+
+def _needs(module: str) -> pytest.MarkDecorator:
+    missing = importlib.util.find_spec(module) is None
+    return pytest.mark.skipif(missing, reason=f"{module} is not installed")
+
+
+CASES = {
+    "mamujoco-fups-mlp-fp3o": ({"env": HOPPER, "sharing": "fups"}, []),
+    "mamujoco-paps-rnn-fp3o": (
+        {"env": HOPPER, "sharing": "paps", "actor_network": "rnn", "data_chunk_length": 8},
+        [],
+    ),
+    "mamujoco-nops-mlp-happo": ({"env": HOPPER, "sharing": "nops", "algorithm": "happo"}, []),
+    "mamujoco-nops-mlp-ippo": ({"env": HOPPER, "sharing": "nops", "algorithm": "ippo"}, []),
+    "smax-nops-rnn-fp3o": (
+        {"env": SMAX, "sharing": "nops", "actor_network": "rnn", "data_chunk_length": 8},
+        [_needs("jaxmarl")],
+    ),
+    "vmas-fups-mlp-mappo": ({"env": VMAS, "sharing": "fups", "algorithm": "mappo"}, [_needs("vmas")]),
+}
+
+
+def _params():
+    """The whole matrix on CUDA; on the CPU one case by default (the CPU paths have tests of their
+    own), the others marked slow."""
+    for index, (name, (options, marks)) in enumerate(CASES.items()):
+        cpu_marks = marks if index == 0 else [*marks, pytest.mark.slow]
+        yield pytest.param(options, "cpu", marks=cpu_marks, id=f"{name}-cpu")
+        yield pytest.param(options, "cuda", marks=[*marks, CUDA], id=f"{name}-cuda")
+
+
+@pytest.mark.parametrize(("options", "accelerator"), list(_params()))
+def test_fits_validates_and_tests_on_the_device(options: dict, accelerator: str) -> None:
+    module = small_module(
+        **options, rollout_length=32, num_minibatches=2, total_frames=128, eval_interval=1, eval_episodes=2
+    )
+    trainer = fit_quietly(module, accelerator=accelerator, limit_val_batches=1.0)
+    device = torch.device(accelerator, 0) if accelerator == "cuda" else torch.device("cpu")
+    assert {p.device for p in module.parameters()} == {device}
+    assert module.iteration == 2
+    for metrics in (trainer.validate(module, verbose=False), trainer.test(module, verbose=False)):
+        (values,) = metrics
+        assert all(torch.isfinite(torch.tensor(v)) for v in values.values())
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [pytest.param("cuda", "cpu", marks=CUDA), pytest.param("cpu", "cuda", marks=CUDA)],
+)
+def test_a_checkpoint_resumes_on_the_other_device(tmp_path, monkeypatch, first: str, second: str) -> None:
+    """A run checkpointed on one device continues on the other (GPU to a CPU-only machine, and back)."""
+    monkeypatch.chdir(tmp_path)
+    args = [
+        f"--model.env={json.dumps(HOPPER)}",
+        "--model.num_envs=2",
+        "--model.rollout_length=40",
+        "--model.total_frames=160",
+        "--model.num_minibatches=2",
+        "--model.ppo_epochs=1",
+        "--model.eval_interval=0",
+        "--model.checkpoint_interval=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    main(["fit", *args, f"--trainer.accelerator={first}", "--trainer.max_steps=1"])
+    main(["fit", *args, f"--trainer.accelerator={second}", "--ckpt_path=last"])
+    (last,) = tmp_path.glob("checkpoints/*/last.ckpt")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["fp3o"]["iteration"] == 2
+    assert checkpoint["fp3o"]["frames"] == 160
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_render_from_a_cuda_module(tmp_path) -> None:
+    from fp3o_lightning.render import render_episode
+
+    module = small_module(env=HOPPER).cuda()
+    path = render_episode(module, tmp_path / "episode.gif", steps=5, width=64, height=64)
+    assert path.stat().st_size > 0
