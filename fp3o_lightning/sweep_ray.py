@@ -64,11 +64,6 @@ class Outcome:
 # ---------------------------------------------------------------------------------- the Ray task
 
 
-def _unblock_sigint() -> None:
-    """Ray workers block SIGINT; a fit must see it to stop cleanly, so its child unblocks it."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 def log_tail(path: str, lines: int = TAIL_LINES) -> str:
     """The last ``lines`` lines of a text file ('' if it does not exist)."""
     try:
@@ -81,9 +76,10 @@ def log_tail(path: str, lines: int = TAIL_LINES) -> str:
 def execute(job: Job, cwd: str) -> tuple[int, float, str]:
     """Run ``job.command`` in ``cwd``, appending its output to ``job.log`` (runs inside a Ray worker).
 
-    The fit runs in its own session, so that a terminal's Ctrl-C reaches it only once, forwarded from
-    here when Ray cancels this task: one SIGINT makes ``fp3o fit`` finish its iteration, save
-    ``last.ckpt`` and exit. Returns (exit code, seconds, the log's last lines).
+    The fit runs in its own session, so that a terminal's Ctrl-C does not reach it; when Ray cancels
+    this task, a SIGTERM makes ``fp3o fit`` finish its iteration, save ``last.ckpt`` and exit. (SIGTERM,
+    not SIGINT: Ray workers block SIGINT, and their children inherit the mask.) Returns (exit code,
+    seconds, the log's last lines).
     """
     if not os.path.isdir(cwd):
         message = f"fp3o sweep: the sweep's directory {cwd} does not exist on this Ray node; run sweeps "
@@ -96,15 +92,14 @@ def execute(job: Job, cwd: str) -> tuple[int, float, str]:
         log.write(f"$ {' '.join(job.command)}\n")
         log.flush()
         child = subprocess.Popen(
-            command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_unblock_sigint,
-        )  # fmt: skip
+            command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             while child.poll() is None:  # polling: Ray's cancel interrupts Python code, not a blocking wait
                 time.sleep(POLL_S)
             code = child.returncode
         except KeyboardInterrupt:  # ray.cancel: stop the fit cleanly and wait for its checkpoint
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGTERM)
             _wait_through_interrupts(child)
             code = INTERRUPTED
     return code, time.perf_counter() - start, log_tail(job.log)

@@ -268,21 +268,21 @@ def python_job(name: str, code: str, tmp_path: Path) -> Job:
     return Job(name, (sys.executable, "-c", code), str(tmp_path / "logs" / f"{name}.log"))
 
 
-#: Sleeps until SIGINT, then (like ``fp3o fit``) finishes its "iteration", writes a file and exits 0.
+#: Sleeps until SIGTERM, then (like ``fp3o fit``) finishes its "iteration", writes a file and exits 0.
 GRACEFUL = """
 import signal, sys, time
 def stop(*_):
     time.sleep(0.5)
     open("stopped", "w").write("checkpoint")
     sys.exit(0)
-signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
 print("running", flush=True)
 time.sleep(120)
 """
 
 
 def test_ray_fail_fast_stops_the_running_job_cleanly(tmp_path):
-    """A failure reports its log's end; with fail_fast the concurrent job gets one SIGINT, finishes its
+    """A failure reports its log's end; with fail_fast the concurrent job gets one SIGTERM, finishes its
     checkpoint and is reported interrupted; the queued job never starts."""
     fail = python_job("fail", "import time; time.sleep(3); print('boom'); raise SystemExit(3)", tmp_path)
     graceful = python_job("graceful", GRACEFUL, tmp_path)
