@@ -436,7 +436,8 @@ class VMASEnv(EnvBase):
             new = _get(parent, step)
             if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
                 if old.dim() and old.shape[0] == self.num_envs:
-                    old = torch.where(mask.view(-1, *(1,) * (old.dim() - 1)), new, old)
+                    rows = mask.to(new.device).view(-1, *(1,) * (old.dim() - 1))  # a no-op on one device
+                    old = torch.where(rows, new, old)
                 if not _overlaps(new):  # written in place: other objects may hold the same tensor
                     new.copy_(old)
                     continue
