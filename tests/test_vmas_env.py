@@ -204,8 +204,8 @@ def test_partial_reset_is_a_full_reset_of_the_selected_envs_only(
     scenario: str, as_full_reset: bool, device: str
 ) -> None:
     """The reset envs start (and go on) as after VMAS's full reset from the same streams; the others go on as
-    if there had been no reset. Per-index ``reset_at`` calls would fail the first (other random draws), a
-    merge that missed a per-environment tensor (e.g. balance's reward shaping) either."""
+    if there had been no reset, shared state included. Per-index ``reset_at`` calls fail the first (other
+    random draws); so does a merge that misses a per-environment tensor (e.g. balance's reward shaping)."""
     kwargs = {"num_envs": 6, "max_episode_steps": 1000, "device": device}
     env = VMASEnv(scenario, seed=5, **kwargs)  # simple_push: its full reset picks the other goal
     actions = _random_actions(env, 12, seed=0)
