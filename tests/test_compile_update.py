@@ -11,10 +11,10 @@ from .conftest import fit_quietly, small_module
 SMAX_3M = {"name": "smax", "map_name": "3m"}
 
 
-def _trained_parameters(**overrides) -> dict[str, torch.Tensor]:
+def _trained_parameters(accelerator: str = "cpu", **overrides) -> dict[str, torch.Tensor]:
     module = small_module(**overrides)
-    fit_quietly(module)
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
+    fit_quietly(module, accelerator=accelerator)
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
 
 
 @pytest.mark.parametrize(
@@ -32,14 +32,19 @@ def _trained_parameters(**overrides) -> dict[str, torch.Tensor]:
     ],
     ids=lambda o: o if isinstance(o, str) else f"{o['algorithm']}-{o['sharing']}",
 )
-def test_compiled_update_trains_like_the_eager_one(overrides: dict) -> None:
+@pytest.mark.parametrize(
+    "accelerator",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_compiled_update_trains_like_the_eager_one(overrides: dict, accelerator: str) -> None:
     """Same seed, one iteration: every parameter ends where the eager update puts it (to float
-    rounding; the compiled kernels sum in other orders), and every parameter moved."""
+    rounding; the compiled kernels sum in other orders), and every parameter moved. On CUDA the
+    compiled update replays CUDA graphs (``reduce-overhead``)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     start = {name: p.detach().clone() for name, p in small_module(**overrides).named_parameters()}
-    eager = _trained_parameters(**overrides)
-    compiled = _trained_parameters(**overrides, compile_update=True)
+    eager = _trained_parameters(accelerator, **overrides)
+    compiled = _trained_parameters(accelerator, **overrides, compile_update=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled path ran
     assert not torch._dynamo.utils.counters["graph_break"]  # and as whole graphs
     assert eager.keys() == compiled.keys()
