@@ -303,6 +303,8 @@ def plot_stats(s: SharingStats, out: Path) -> list[Path]:
         algorithms=list(names.values()),
         colors=colors,
         xlabel="Normalised score",
+        row_height=0.5,
+        xlabel_y_coordinate=-0.25,
     )
     figures.append(("aggregates", fig))
     fig, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
@@ -327,7 +329,7 @@ def plot_stats(s: SharingStats, out: Path) -> list[Path]:
         figures.append(("improvement", fig))
     paths = []
     for name, fig in figures:
-        fig.suptitle(display_sharing(s.sharing))
+        fig.suptitle(display_sharing(s.sharing), y=1.3 if name == "aggregates" else None, fontsize="x-large")
         paths.append(out / f"{name}_{s.sharing}.png")
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)

@@ -285,7 +285,7 @@ def latest_metrics(mlflow_runs: Sequence) -> tuple[str, str]:
 
 
 def progress_table(rows: Sequence[tuple[str, str, float]], store: Store | None) -> str:
-    """A table of (label, state, seconds) rows with each run's frames and last return from MLflow."""
+    """A table of (run key, state, seconds) rows with each run's frames and last return from MLflow."""
     previous = store.runs() if store else {}
     lines = [["run", "state", "frames", "return", "time"]]
     for key, state, seconds in rows:
@@ -505,7 +505,9 @@ def main(argv: list[str] | None = None, num_cpus: int | None = None) -> int:
         flush=True,
     )
     if args.dry_run:
-        print("\n".join(shlex.join(run.command) for run in pending))
+        for run in pending:
+            resume = f", resumes from {run.resume_from}" if run.resume_from else ""
+            print(f"# {run.key}: {run.label}{resume}\n{shlex.join(run.command)}")
         return 0
     if store:
         store.prepare()

@@ -58,22 +58,18 @@ def test_dry_run_prints_every_command(capsys):
         lines[0]
         == "fp3o sweep: 4 runs (2 setting(s) × 2 seed(s)): 0 finished already, 0 to resume, 4 to start"
     )
-    commands = [shlex.split(line) for line in lines[1:]]
-    assert len(commands) == 4
-    for command, (algorithm, seed) in zip(
-        commands, [("fp3o", 0), ("happo", 0), ("fp3o", 1), ("happo", 1)], strict=True
-    ):
+    comments, commands = lines[1::2], [shlex.split(line) for line in lines[2::2]]
+    expected = [("fp3o", 0), ("happo", 0), ("fp3o", 1), ("happo", 1)]
+    for comment, command, (algorithm, seed) in zip(comments, commands, expected, strict=True):
         head = [*FIT, "--config", CONFIG, f"--model.algorithm={algorithm}", "--model.sharing=nops"]
         assert command[: len(head)] == head
         assert command[len(head) : len(head) + 2] == [f"--model.seed={seed}", "--model.num_threads=1"]
-        option, _, tags = command[len(head) + 2].partition("=")
+        option, _, value = command[len(head) + 2].partition("=")
+        tags = json.loads(value)
         assert option == "--trainer.logger.init_args.tags"
-        assert json.loads(tags) == {
-            "sweep": "cheetah",
-            "who": "me",
-            "sweep_run": json.loads(tags)["sweep_run"],
-        }
-        assert json.loads(tags)["sweep_run"].startswith(f"{algorithm}-nops-s{seed}-")
+        assert tags == {"sweep": "cheetah", "who": "me", "sweep_run": tags["sweep_run"]}
+        assert tags["sweep_run"].startswith(f"{algorithm}-nops-s{seed}-")
+        assert comment == f"# {tags['sweep_run']}: model.algorithm={algorithm} model.sharing=nops seed={seed}"
         assert command[len(head) + 3 :] == EXTRA
 
 
@@ -308,10 +304,11 @@ def test_ray_fail_fast_stops_the_running_job_cleanly(tmp_path):
 @pytest.mark.slow
 def test_quickstart_sweep_runs_then_skips_finished_runs(capsys):
     """Two seeds of a tiny quickstart sweep on Ray, then the same command again: nothing left to do."""
-    argv = ["--config", QUICKSTART, "--seeds", "0", "1", "--", "--model.total_frames", "1000"]
-    assert main([*argv, "--trainer.enable_progress_bar", "false"], num_cpus=2) == 0
+    fit_args = ["--", "--model.total_frames", "1000", "--trainer.enable_progress_bar", "false"]
+    argv = ["--config", QUICKSTART, "--seeds", "0", "1"]
+    assert main([*argv, *fit_args], num_cpus=2) == 0
     out = capsys.readouterr().out
     assert "2 of 2 runs in" in out and "2 succeeded" in out
     assert len(list(Path("checkpoints").glob("*/last.ckpt"))) == 2
-    assert main([*argv, "--trainer.enable_progress_bar", "false", "--dry_run"]) == 0
+    assert main([*argv, "--dry_run", *fit_args]) == 0
     assert "2 finished already, 0 to resume, 0 to start" in capsys.readouterr().out
