@@ -59,6 +59,7 @@ NONFINITE = ("skip", "stop")
 TIME_LIMITS = ("terminal", "bootstrap")
 CRITICS = ("agent", "team")
 VALUE_NORM_UPDATES = ("minibatch", "iteration")
+ROLLOUT_DEVICES = ("env", "trainer")
 EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
 # The iteration statistics logged under train/ (the run's progress); the update's go under update/.
@@ -155,6 +156,11 @@ class FP3OModule(L.LightningModule):
         num_threads: torch's CPU threads in this process while it runs (``torch.set_num_threads``);
             the paper's small networks run fastest on one thread, and more threads than free cores
             slow everything down many times over. 0 leaves torch's setting as it is.
+        rollout_device: where the collector runs the policy: ``env`` (default), where the environment
+            simulates (a CPU copy of the policy, synchronised after every update, for MaMuJoCo, SMAX
+            and SMACv2, so that a GPU learner costs no host-device round trip per step; the
+            training device for VMAS), or ``trainer``, the Trainer's device. The rollout is stored,
+            and everything after it runs, on the Trainer's device either way.
         compile_update: compile each minibatch's loss (the networks' forward and backward) with
             ``torch.compile``. It pays on long runs: on HalfCheetah 6x1 (CPU) a minibatch step takes
             about half the time, for 10-30 s of compilation at the start of each process.
@@ -200,6 +206,7 @@ class FP3OModule(L.LightningModule):
         nonfinite: str = "skip",
         num_threads: int = 1,
         compile_update: bool = False,
+        rollout_device: str = "env",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -281,6 +288,7 @@ class FP3OModule(L.LightningModule):
             "time_limit": TIME_LIMITS,
             "critic": CRITICS,
             "value_norm_update": VALUE_NORM_UPDATES,
+            "rollout_device": ROLLOUT_DEVICES,
         }
         for name, options in choices.items():
             if hp[name] not in options:
@@ -335,7 +343,7 @@ class FP3OModule(L.LightningModule):
         environment's options (e.g. ``render_mode``).
         """
         hp = self.hparams
-        device = self.device if getattr(env_class(hp.env["name"]), "simulates_on_device", False) else "cpu"
+        device = self.env_device
         env = make_env(**hp.env, **env_options, num_envs=num_envs, device=device)
         if not self.policy.recurrent:
             return env  # untransformed, so that the collector takes the env's own step_and_maybe_reset
@@ -343,6 +351,12 @@ class FP3OModule(L.LightningModule):
         return TransformedEnv(
             env, Compose(InitTracker(), TensorDictPrimer({HIDDEN: hidden}, expand_specs=True))
         )
+
+    @property
+    def env_device(self) -> torch.device:
+        """Where the environment simulates: the module's device for VMAS, the CPU for the others."""
+        on_device = getattr(env_class(self.hparams.env["name"]), "simulates_on_device", False)
+        return self.device if on_device else torch.device("cpu")
 
     def make_env(self, seed: int) -> EnvBase:
         env = self.build_env(self.hparams.num_envs)
@@ -380,7 +394,8 @@ class FP3OModule(L.LightningModule):
             frames_per_batch=self.frames_per_batch,
             total_frames=-1,
             env_device=None,  # the environment's own device
-            policy_device=self.device,
+            # A copy on the environment's device, whose weights update_policy_weights_ refreshes.
+            policy_device=self.env_device if self.hparams.rollout_device == "env" else self.device,
             storing_device=self.device,
             track_traj_ids=False,
             auto_register_policy_transforms=False,

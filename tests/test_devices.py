@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import lightning as L
 import pytest
 import torch
 
@@ -50,14 +51,44 @@ def _params():
         yield pytest.param(options, "cuda", marks=[*marks, CUDA], id=f"{name}-cuda")
 
 
+class DeviceProbe(L.Callback):
+    """Records, after every training iteration, where the parameters, the rollout policy and the
+    environment are, and whether the rollout policy's weights equal the module's."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        rollout_policy = module._collector.policy
+        rollout_state = rollout_policy.state_dict()
+        synced = all(
+            torch.equal(value.cpu(), rollout_state[f"policy.{name}"].cpu())
+            for name, value in module.policy.state_dict().items()
+        )
+        self.seen.append(
+            {
+                "parameters": {p.device.type for p in module.parameters()},
+                "rollout_policy": {p.device.type for p in rollout_policy.parameters()},
+                "env": module.base_env.device.type,
+                "synced": synced,
+            }
+        )
+
+
 @pytest.mark.parametrize(("options", "accelerator"), list(_params()))
 def test_fits_validates_and_tests_on_the_device(options: dict, accelerator: str) -> None:
     module = small_module(
         **options, rollout_length=32, num_minibatches=2, total_frames=128, eval_interval=1, eval_episodes=2
     )
-    trainer = fit_quietly(module, accelerator=accelerator, limit_val_batches=1.0)
-    device = torch.device(accelerator, 0) if accelerator == "cuda" else torch.device("cpu")
-    assert {p.device for p in module.parameters()} == {device}
+    probe = DeviceProbe()
+    trainer = fit_quietly(module, accelerator=accelerator, limit_val_batches=1.0, callbacks=[probe])
+    simulated_on_device = options["env"]["name"] == "vmas"
+    env_device = accelerator if simulated_on_device else "cpu"
+    assert (
+        probe.seen
+        == [{"parameters": {accelerator}, "rollout_policy": {env_device}, "env": env_device, "synced": True}]
+        * 2
+    )
     assert module.iteration == 2
     for metrics in (trainer.validate(module, verbose=False), trainer.test(module, verbose=False)):
         (values,) = metrics
@@ -92,9 +123,18 @@ def test_a_checkpoint_resumes_on_the_other_device(tmp_path, monkeypatch, first: 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@_needs("OpenGL")  # MuJoCo's EGL backend
 def test_render_from_a_cuda_module(tmp_path) -> None:
     from fp3o_lightning.render import render_episode
 
     module = small_module(env=HOPPER).cuda()
     path = render_episode(module, tmp_path / "episode.gif", steps=5, width=64, height=64)
     assert path.stat().st_size > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_rollout_policy_on_the_trainer_device_option() -> None:
+    module = small_module(env=HOPPER, rollout_device="trainer", total_frames=64, rollout_length=32)
+    probe = DeviceProbe()
+    fit_quietly(module, accelerator="cuda", callbacks=[probe])
+    assert probe.seen[0]["rollout_policy"] == {"cuda"} and probe.seen[0]["env"] == "cpu"

@@ -342,14 +342,15 @@ def test_unknown_scenario_and_bad_arguments() -> None:
         env.to("meta")
 
 
-@needs_cuda
-def test_simulates_on_cuda() -> None:
-    env = VMASEnv("balance", num_envs=4, seed=0, device="cuda")
-    check_env_specs(env)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_simulates_on_its_device_and_reseeds(device: str) -> None:
+    env = VMASEnv("balance", num_envs=4, seed=0, device=device)
+    check_env_specs(env)  # draws from the env's streams: the rollouts below reseed first
     actions = _random_actions(env, 20, seed=0)
-    assert actions.device.type == "cuda"
+    assert actions.device.type == device
+    env.set_seed(0)
     first, _ = _rollout(env, actions)
-    assert first["next", "reward"].device.type == "cuda"
+    assert first["next", "reward"].device.type == device
     env.set_seed(0)
     again, _ = _rollout(env, actions)
     assert (first == again).all()
