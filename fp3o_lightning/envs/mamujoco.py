@@ -599,6 +599,11 @@ class MaMuJoCoEnv(EnvBase):
         self._base_seed: int | None = None
         self._agents_batch = torch.Size([n, a])
         self._to_device = self.device.type != "cpu"
+        # rand_action's bounds, on the CPU, and its generator (None: torch's global one; see _set_seed).
+        self._rand_low = torch.from_numpy(self._act_low).expand(n, a, self.max_action_dim)
+        self._rand_high = torch.from_numpy(self._act_high).expand(n, a, self.max_action_dim)
+        self._rand_span = self._rand_high - self._rand_low
+        self._action_generator: torch.Generator | None = None
         self._build_gathers()
         if seed is not None:
             self.set_seed(seed)
@@ -938,10 +943,34 @@ class MaMuJoCoEnv(EnvBase):
     def _set_seed(self, seed: int | None) -> None:
         """Seed sub-env ``i`` with ``seed + i`` at its next reset (``None`` clears pending seeds).
 
-        ``seed`` is also the entropy of the seeds of rebuilt sub-envs (:meth:`fault_seed`).
+        ``seed`` is also the entropy of the seeds of rebuilt sub-envs (:meth:`fault_seed`) and the seed of
+        :meth:`rand_action`'s generator (``None``: torch's global generator again).
         """
         self._base_seed = None if seed is None else int(seed)
         self._pending_seeds = [None if seed is None else int(seed) + i for i in range(self.num_envs)]
+        self._action_generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+
+    def rand_action(self, tensordict: TensorDictBase | None = None) -> TensorDictBase:
+        """Uniform random actions in the action spec's bounds, at ``("agents", "action")`` of
+        ``tensordict`` (or of a new TensorDict), float32 ``[num_envs, n_agents, max_action_dim]``.
+
+        They are drawn from the env's own generator, seeded by :meth:`set_seed` and kept in the saved state,
+        so a seeded env replays the same actions whatever else uses torch's global generator; an unseeded
+        env draws from the global one, as TorchRL's ``EnvBase.rand_action`` does. That method (which
+        ``rollout`` without a policy and ``rand_step`` call) samples the whole ``Composite`` action spec at
+        a cost above a HalfCheetah step; this samples the one ``Bounded`` leaf.
+        """
+        uniform = torch.rand(self._rand_low.shape, generator=self._action_generator)
+        action = torch.minimum(torch.addcmul(self._rand_low, uniform, self._rand_span), self._rand_high)
+        if self._to_device:
+            action = action.to(self.device)
+        if tensordict is None:
+            agents = TensorDict._new_unsafe(
+                {"action": action}, batch_size=self._agents_batch, device=self.device
+            )
+            return TensorDict._new_unsafe({"agents": agents}, batch_size=self.batch_size, device=self.device)
+        tensordict.set(("agents", "action"), action)
+        return tensordict
 
     # ------------------------------------------------------------------ faults
     @property
@@ -1055,6 +1084,8 @@ class MaMuJoCoEnv(EnvBase):
         * ``"np_random"`` / ``"np_random_seed"``: the Gymnasium env's generator state (it draws the initial
           states of later resets) and seed;
         * ``"pending_seeds"``: seeds given to :meth:`set_seed` and not yet used by a reset;
+        * ``"action_generator"``: the state of :meth:`rand_action`'s generator (``None`` when the env is
+          unseeded; states saved before it existed load and leave the env's generator as it is);
         * ``"fresh"``: which sub-envs were rebuilt by the last step (their next auto-reset keeps that reset);
 
         and ``"faults"`` (:attr:`faults`, so a resumed run keeps counting towards ``max_faults``), ``"seed"``
@@ -1093,6 +1124,9 @@ class MaMuJoCoEnv(EnvBase):
             "np_random": [_plain(sim.np_random.bit_generator.state) for sim in self._sims],
             "np_random_seed": [_plain(sim._np_random_seed) for sim in self._sims],
             "pending_seeds": [None if s is None else int(s) for s in self._pending_seeds],
+            "action_generator": None
+            if self._action_generator is None
+            else self._action_generator.get_state(),
             "fresh": torch.from_numpy(self._fresh.copy()),
             "faults": int(self._faults),
             "seed": self._base_seed,
@@ -1147,6 +1181,10 @@ class MaMuJoCoEnv(EnvBase):
             generator = np.random.Generator(getattr(np.random, rng_state["bit_generator"])())
             generator.bit_generator.state = _numpy_state(rng_state)
             generators.append(generator)
+        action_generator = self._action_generator
+        if "action_generator" in state:
+            saved = state["action_generator"]
+            action_generator = None if saved is None else torch.Generator().set_state(saved)
 
         physics = physics.numpy()
         for i, sim in enumerate(self._sims):
@@ -1164,6 +1202,7 @@ class MaMuJoCoEnv(EnvBase):
         self._terminated[:] = buffers["terminated"].numpy()
         self._truncated[:] = buffers["truncated"].numpy()
         self._pending_seeds = list(state["pending_seeds"])
+        self._action_generator = action_generator
         if state["format"] >= 2:
             self._fresh[:] = state["fresh"].numpy()
             self._faults = int(state["faults"])
