@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp3o_lightning.objectives import dependence_factor
 from fp3o_lightning.schemes import fp3o as fp3o_scheme
 
 from .conftest import rollout_batch
@@ -66,27 +65,72 @@ def test_dependence_phase_runs_only_where_the_gate_allows(fitted_module, monkeyp
     assert stats["kl_old_middle"].max() > 0  # the dependence phase starts away from the rollout policy
 
 
-def test_dependence_factor_is_product_of_the_other_middle_ratios(fitted_module):
-    module = fitted_module
-    batch = rollout_batch(module)
-    recorder = PhaseRecorder(module)
-    module.scheme.update(module, batch)
-    middle = recorder.calls[0]["after"][0]
+def middle_log_prob(module, recorder, batch) -> torch.Tensor:
+    """Each agent's log-probs under theta_mid (the policy after the independence phase), rebuilt from
+    the recorded parameters independently of the scheme."""
     current = snapshot(module)
-    # rebuild theta_mid and measure its ratios independently of the scheme
-    torch.nn.utils.vector_to_parameters(middle, module.policy.parameters())
+    torch.nn.utils.vector_to_parameters(recorder.calls[0]["after"][0], module.policy.parameters())
     with torch.no_grad():
-        middle_log_prob = module.policy.distribution(batch["agents", "observation"]).log_prob(
+        log_prob = module.policy.distribution(batch["agents", "observation"]).log_prob(
             batch["agents", "action"]
         )
     torch.nn.utils.vector_to_parameters(current, module.policy.parameters())
-    ratio = torch.exp(middle_log_prob - batch["agents", "action_log_prob"])
-    if len(recorder.calls) == 2:
-        factor = recorder.calls[1]["factor"]
-        torch.testing.assert_close(
-            factor, dependence_factor(middle_log_prob, batch["agents", "action_log_prob"])
-        )
-        torch.testing.assert_close(factor[:, 0], ratio[:, 1] * ratio[:, 2])
+    return log_prob
+
+
+# Per-sample agent advantages a * weights. Each agent's factor times its own ratio is the product of
+# all the agents' ratios, so the weighted total is sum_b prod(r) a sum(weights): with weights that sum
+# to zero it is exactly 0, below the plain total that the independence phase has made positive (the
+# gate closes); with equal weights every ratio grows where a > 0, and the product grows faster than
+# each ratio alone (the gate opens; measured: 59 against 20).
+GATE_WEIGHTS = {"open": [1.0, 1.0, 1.0], "closed": [1.0, 1.0, -2.0]}
+
+
+def gated_batch(module, gate: str):
+    """A real rollout batch whose advantages are its first agent's, times ``GATE_WEIGHTS[gate]``."""
+    batch = rollout_batch(module)
+    batch["advantage"] = batch["advantage"][:, :1] * torch.tensor(GATE_WEIGHTS[gate])
+    return batch
+
+
+@pytest.mark.parametrize("gate", ["open", "closed"])
+def test_gate_decides_the_dependence_phase_on_a_real_batch(fitted_module, gate):
+    """On a batch built so that the factor-weighted middle surrogate is clearly above (below) the
+    plain one, as measured here from theta_mid, the scheme runs (skips) the dependence phase."""
+    module = fitted_module
+    batch = gated_batch(module, gate)
+    recorder = PhaseRecorder(module)
+    stats = module.scheme.update(module, batch)
+    old = batch["agents", "action_log_prob"]
+    log_ratio = middle_log_prob(module, recorder, batch) - old
+    ratio = torch.exp(log_ratio)
+    factor = torch.exp(log_ratio.sum(-1, keepdim=True) - log_ratio)  # the other agents' ratios
+    weighted, plain = (factor * ratio * batch["advantage"]).sum(), (ratio * batch["advantage"]).sum()
+    margin = 1e-3 * plain.abs()
+    if gate == "open":
+        assert weighted > plain + margin, (weighted, plain)  # the batch is what it should be
+        assert stats["gate"].item() == 1.0 and len(recorder.calls) == 2
+        dependence = recorder.calls[1]
+        assert not torch.equal(dependence["before"][0], dependence["after"][0])  # the actors moved
+    else:
+        assert weighted < plain - margin, (weighted, plain)
+        assert stats["gate"].item() == 0.0 and len(recorder.calls) == 1
+        assert torch.equal(snapshot(module), recorder.calls[0]["after"][0])  # the policy stays at theta_mid
+
+
+def test_dependence_factor_is_product_of_the_other_middle_ratios(fitted_module):
+    """The dependence phase (forced to run by a batch that opens the gate) weights agent j by the
+    product of the other agents' middle ratios, measured from theta_mid."""
+    module = fitted_module
+    batch = gated_batch(module, "open")
+    recorder = PhaseRecorder(module)
+    module.scheme.update(module, batch)
+    assert len(recorder.calls) == 2
+    ratio = torch.exp(middle_log_prob(module, recorder, batch) - batch["agents", "action_log_prob"])
+    factor = recorder.calls[1]["factor"]
+    torch.testing.assert_close(factor[:, 0], ratio[:, 1] * ratio[:, 2])
+    torch.testing.assert_close(factor[:, 1], ratio[:, 0] * ratio[:, 2])
+    torch.testing.assert_close(factor[:, 2], ratio[:, 0] * ratio[:, 1])
 
 
 def test_selection_is_logged(fitted_module):
