@@ -17,11 +17,64 @@ def fitted(algorithm: str, sharing: str) -> FP3OModule:
     return module
 
 
+def parameters(module: FP3OModule) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def unmoved(module: FP3OModule, before: dict[str, torch.Tensor]) -> list[str]:
+    """The actor and critic parameters equal to ``before``, per agent for stacked per-agent ones."""
+    stacked = {id(p) for p in module.policy.stacked_parameters()}
+    if module.hparams.sharing == "nops":  # NoPS: every agent its own critic too (V(s, i) or IPPO's)
+        stacked |= {id(p) for p in module.critic.parameters()}
+    names = []
+    for name, p in module.named_parameters():
+        parts = list(p) if id(p) in stacked else [p]
+        old = list(before[name]) if id(p) in stacked else [before[name]]
+        names += [
+            f"{name}[{i}]" for i, (a, b) in enumerate(zip(parts, old, strict=True)) if torch.equal(a, b)
+        ]
+    return names
+
+
 @pytest.mark.parametrize("algorithm", ["fp3o", "happo", "mappo", "ippo"])
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
 def test_every_algorithm_and_network_type_trains(algorithm, sharing):
-    module = fitted(algorithm, sharing)
+    """One iteration moves every actor parameter (every agent's slice of stacked ones) and every
+    critic parameter, for every algorithm and network type."""
+    module = small_module(algorithm=algorithm, sharing=sharing)
+    before = parameters(module)
+    fit_quietly(module)
     assert module.iteration == 1 and module.frames == 128
+    assert unmoved(module, before) == []
+
+
+@pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
+def test_happo_actor_phases_leave_the_critic_and_its_critic_phase_the_actors(sharing, monkeypatch):
+    """HAPPO's per-agent phases train no critic; its last phase (``train_actor=False``) trains the
+    critic alone, which moves."""
+    module = fitted("happo", sharing)
+    original = module.ppo_phase
+    phases = []
+
+    def checking_phase(batch, **kwargs):
+        actors, critic = snapshot(module.policy), snapshot(module.critic)
+        stats = original(batch, **kwargs)
+        phases.append(
+            (kwargs.get("agents") is not None, *moved(module.policy, actors, module.critic, critic))
+        )
+        return stats
+
+    monkeypatch.setattr(module, "ppo_phase", checking_phase)
+    module.scheme.update(module, rollout_batch(module))
+    assert phases == [(True, True, False)] * module.n_agents + [(False, False, True)]
+
+
+def snapshot(network: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in network.parameters()])
+
+
+def moved(actors, actors_before, critic, critic_before) -> tuple[bool, bool]:
+    return not torch.equal(snapshot(actors), actors_before), not torch.equal(snapshot(critic), critic_before)
 
 
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
@@ -124,7 +177,7 @@ def test_mappo_is_one_phase_on_all_agents(monkeypatch):
 def test_ippo_critic_is_decentralised():
     module = fitted("ippo", "nops")
     batch = rollout_batch(module)
-    assert module.critic_key == ("agents", "observation")
+    assert module.critic_keys == (("agents", "observation"),)
     assert batch["advantage"].shape == (batch.numel(), module.n_agents)
     observation = batch["agents", "observation"][:4].clone()
     values = module.values(batch[:4])
@@ -132,4 +185,4 @@ def test_ippo_critic_is_decentralised():
     batch[:4].set(("agents", "observation"), observation)
     changed = module.critic(observation)
     assert torch.equal(changed[:, 0], values[:, 0]) and not torch.equal(changed[:, 1], values[:, 1])
-    assert fitted("mappo", "nops").critic_key == "state"
+    assert fitted("mappo", "nops").critic_keys == ("state",)
