@@ -28,6 +28,20 @@ TINY = {"env": ENV, "num_envs": 1, "rollout_length": 10, "num_minibatches": 1, "
 W, H = 64, 48  # mp4 frames are resized to multiples of 16
 
 
+def assert_shows_the_cheetah(frame: np.ndarray) -> None:
+    """The frame shows HalfCheetah's scene, not a blank or black image: the brown body (MuJoCo's
+    ``self`` material, rgba .7 .5 .3: red above green above blue) on at least 0.5% of the pixels
+    (about 2% at every size), the green-grey floor in the lower half, the grey sky at the top."""
+    r, g, b = (frame[..., c].astype(int) for c in range(3))
+    body = ((r > g + 15) & (g > b + 5)).mean()
+    assert body > 0.005, f"the body's colour covers {body:.2%} of the frame"
+    height = frame.shape[0]
+    floor = (g > r + 4)[height // 2 :].mean()
+    assert floor > 0.1, f"the floor covers {floor:.2%} of the lower half"
+    sky = frame[: height // 8].astype(int)
+    assert sky.mean() > 60 and np.abs(sky[..., 0] - sky[..., 2]).mean() < 8, "no grey sky at the top"
+
+
 def tiny_module() -> FP3OModule:
     return FP3OModule(**TINY, total_frames=10)
 
@@ -51,11 +65,14 @@ def test_frames_have_the_right_shape_and_change() -> None:
     tensordict = env.reset()
     first = env.render()
     assert first.shape == (H, W, 3) and first.dtype == np.uint8
-    assert first.std() > 10  # not blank
+    assert_shows_the_cheetah(first)
     assert env.render(1).shape == (H, W, 3)
+    assert_shows_the_cheetah(env.render(1))
     for _ in range(5):
         tensordict = env.rand_step(tensordict)
-    assert np.abs(env.render().astype(int) - first).mean() > 1  # the robot moved
+    moved = env.render()
+    assert_shows_the_cheetah(moved)
+    assert np.abs(moved.astype(int) - first).mean() > 1  # the robot moved
     assert env.render_fps == 20.0  # HalfCheetah: dt = 0.05
     with pytest.raises(IndexError):
         env.render(2)
@@ -114,6 +131,8 @@ def test_render_episode_writes_every_step(tmp_path, suffix: str) -> None:
     frames = gif_frames(path) if suffix == ".gif" else mp4_frames(path)
     assert len(frames) == 8  # the reset state and one frame per step
     assert frames[0].shape == (H, W, 3)
+    for frame in frames:  # after encoding: Pillow's palette, H.264
+        assert_shows_the_cheetah(frame)
     assert np.abs(frames[-1].astype(int) - frames[0]).mean() > 1
     if suffix == ".gif":
         with Image.open(path) as image:
@@ -157,6 +176,8 @@ def test_render_episode_stops_at_episode_end_and_is_deterministic(tmp_path) -> N
     assert result.stdout.split()[-2:] == [str(ENV["max_episode_steps"] + 1), "5"]  # whole episode; 4 steps
     frames = np.load(tmp_path / "frames.npy")
     first, second, last = frames[:5], frames[5:10], frames[10]
+    for frame in frames:
+        assert_shows_the_cheetah(frame)
     assert np.array_equal(first, second)
     assert not np.array_equal(first[0], last)
 
@@ -201,6 +222,7 @@ def test_cli_renders_a_checkpoint_and_logs_to_its_mlflow_run(tmp_path, capsys) -
     assert f"Wrote 6 frames (64x48, 20 fps) to {output}" in out
     assert f"Logged to MLflow run {logger.run_id}" in out
     assert len(mp4_frames(output)) == 6
+    assert_shows_the_cheetah(mp4_frames(output)[-1])
     client = mlflow.MlflowClient(tracking_uri)
     assert [a.path for a in client.list_artifacts(logger.run_id, "videos")] == ["videos/eval.mp4"]
 
@@ -208,6 +230,7 @@ def test_cli_renders_a_checkpoint_and_logs_to_its_mlflow_run(tmp_path, capsys) -
     main(["--ckpt_path", str(ckpt), "--output", str(gif), "--steps", "2", "--no_mlflow"])
     assert "Logged" not in capsys.readouterr().out
     assert len(gif_frames(gif)) == 3 and gif_frames(gif)[0].shape == (480, 480, 3)
+    assert_shows_the_cheetah(gif_frames(gif)[-1])
     assert [a.path for a in client.list_artifacts(logger.run_id, "videos")] == ["videos/eval.mp4"]
 
     # A store that is not there is reported, not created empty.
