@@ -2,6 +2,7 @@
 
 OBSERVATION = ("agents", "observation")
 ACTION = ("agents", "action")
+ALIVE = ("agents", "alive")  # SMAC-style maps: False for a dead agent (left out of the policy loss)
 ACTION_MASK = ("agents", "action_mask")  # discrete actions: True where an action is available
 LOG_PROB = ("agents", "action_log_prob")
 LOC, SCALE = ("agents", "loc"), ("agents", "scale")  # the Gaussian's parameters

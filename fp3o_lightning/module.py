@@ -30,6 +30,7 @@ from fp3o_lightning.envs import env_class, make_env, task_name
 from fp3o_lightning.keys import (
     ACTION,
     ACTION_MASK,
+    ALIVE,
     HIDDEN,
     IS_INIT,
     LOC,
@@ -60,6 +61,7 @@ TIME_LIMITS = ("terminal", "bootstrap")
 CRITICS = ("agent", "team")
 VALUE_NORM_UPDATES = ("minibatch", "iteration")
 ROLLOUT_DEVICES = ("env", "trainer")
+CRITIC_INPUTS = ("auto", "state", "state_and_observation")
 EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
 # The iteration statistics logged under train/ (the run's progress); the update's go under update/.
@@ -124,6 +126,13 @@ class FP3OModule(L.LightningModule):
             shared critic and normaliser), so GAE gives each agent its own advantage, normalised
             per agent; ``team``: one ``V(s)`` and one advantage for the team. IPPO's critic reads
             each agent's observation either way; ``team`` gives it one normaliser for all agents.
+        critic_input: what the per-agent critic (``critic="agent"``) reads: ``state``, or
+            ``state_and_observation`` (MAPPO's agent-specific global state: the state and the agent's
+            own observation, as the paper's code uses on SMAC); ``auto`` (default) takes the
+            agent-specific state on SMAC-style maps (SMAX, SMAC/SMACv2) and the state elsewhere.
+        active_masks: where the environment says which agents are alive (``("agents", "alive")``,
+            SMAC-style maps), leave dead agents out of the policy loss, the entropy bonus and FP3O's
+            gate (the paper code's ``use_policy_active_masks``).
         agent_id: append the agent's one-hot id to every agent's observation and to the critic's
             input, for every network type (the paper's code); ``False``: FuPS only (which needs it).
         value_norm_update: when the value normaliser folds in new value targets: ``minibatch`` (the
@@ -187,6 +196,8 @@ class FP3OModule(L.LightningModule):
         value_clip: bool = True,
         time_limit: str = "terminal",
         critic: str = "agent",
+        critic_input: str = "auto",
+        active_masks: bool = True,
         agent_id: bool = True,
         value_norm_update: str = "minibatch",
         paps_head_lr_scale: bool = True,
@@ -223,6 +234,9 @@ class FP3OModule(L.LightningModule):
         discrete = isinstance(action_spec, Categorical)
         if discrete and not self.masked:
             raise ValueError(f"env {env['name']!r} has discrete actions but no {ACTION_MASK} observation")
+        has_alive = ALIVE in probe.observation_spec.keys(True)
+        agent_specific_state = getattr(probe, "agent_specific_state", False)
+        action_sizes = getattr(probe, "action_sizes", None)
         probe.close()
         self.policy = MultiAgentPolicy(
             self.n_agents,
@@ -236,20 +250,22 @@ class FP3OModule(L.LightningModule):
             gain=gain,
             std_x_coef=std_x_coef,
             std_y_coef=std_y_coef,
-            action_sizes=getattr(probe, "action_sizes", None),
+            action_sizes=action_sizes,
             agent_id=agent_id,
         )
         self.param_keys = (LOGITS,) if discrete else (LOC, SCALE)
         self.scheme = make_scheme(algorithm)
-        self.critic_key: Any = OBSERVATION if self.scheme.local_critic else "state"
+        self.alive = active_masks and has_alive
+        self.critic_keys = self.resolve_critic_keys(agent_specific_state)
         if self.scheme.local_critic or critic == "agent":
+            sizes = {OBSERVATION: observation_size, "state": state_size}
             self.critic = AgentCritic(
                 self.n_agents,
-                observation_size if self.scheme.local_critic else state_size,
+                sum(sizes[key] for key in self.critic_keys),
                 sharing,
                 hidden_size,
                 depth,
-                per_agent_input=self.scheme.local_critic,
+                per_agent_input=OBSERVATION in self.critic_keys,
                 agent_id=agent_id,
             )
         else:
@@ -264,6 +280,16 @@ class FP3OModule(L.LightningModule):
         self._collector: Collector | None = None
         # Runtime objects, kept out of the module's state_dict (environments are nn.Modules too).
         self._runtime: dict[str, Any] = {}
+
+    def resolve_critic_keys(self, agent_specific_state: bool) -> tuple[Any, ...]:
+        """The inputs of the critic, concatenated per agent: IPPO's observation, the state, or the state
+        and each agent's observation (``critic_input``; ``auto`` follows the environment)."""
+        hp = self.hparams
+        if self.scheme.local_critic:
+            return (OBSERVATION,)
+        auto = hp.critic_input == "auto" and agent_specific_state
+        both = hp.critic_input == "state_and_observation" or auto
+        return ("state", OBSERVATION) if both and hp.critic == "agent" else ("state",)
 
     def _validate(self) -> None:
         """Reject invalid hyperparameters with the field, the value and the fix."""
@@ -289,6 +315,7 @@ class FP3OModule(L.LightningModule):
             "critic": CRITICS,
             "value_norm_update": VALUE_NORM_UPDATES,
             "rollout_device": ROLLOUT_DEVICES,
+            "critic_input": CRITIC_INPUTS,
         }
         for name, options in choices.items():
             if hp[name] not in options:
@@ -576,8 +603,12 @@ class FP3OModule(L.LightningModule):
             logger.log_metrics({"train/skipped_nonfinite": 1.0}, step=self.frames)
 
     def values(self, tensordict: TensorDictBase) -> Tensor:
-        """Critic values in normalised units, ``[..., 1]`` (central) or ``[..., n_agents]`` (local)."""
-        return self.critic(tensordict[self.critic_key])
+        """Critic values in normalised units, ``[..., 1]`` (team) or ``[..., n_agents]`` (per agent)."""
+        if len(self.critic_keys) == 1:
+            return self.critic(tensordict[self.critic_keys[0]])
+        state, observation = tensordict["state"], tensordict[OBSERVATION]
+        state = state.unsqueeze(-2).expand(*observation.shape[:-1], state.shape[-1])
+        return self.critic(torch.cat([state, observation], -1))
 
     @torch.no_grad()
     def compute_advantages(self, rollout: TensorDictBase) -> tuple[TensorDictBase, Tensor]:
@@ -606,7 +637,7 @@ class FP3OModule(L.LightningModule):
         )
         if self.hparams.value_norm_update == "iteration":
             self.update_value_normalizer(target)
-        keys = [OBSERVATION, ACTION, "state"] + [ACTION_MASK] * self.masked
+        keys = [OBSERVATION, ACTION, "state"] + [ACTION_MASK] * self.masked + [ALIVE] * self.alive
         keys += [HIDDEN, IS_INIT] if self.policy.recurrent else []
         batch = rollout.select(*keys).to(self.device)
         batch["advantage"] = normalize_advantage(advantage)
@@ -680,8 +711,10 @@ class FP3OModule(L.LightningModule):
             surrogate = clipped_surrogate(
                 log_prob, minibatch[LOG_PROB], minibatch["advantage"], hp.clip_epsilon, factor
             )
-            policy_loss = -(surrogate.mean(0) * agent_weight).sum()
-            entropy = (distribution.entropy().mean(0) * agent_weight).sum()
+            alive = minibatch.get(ALIVE) if self.alive else None
+            shared = not self.policy.per_agent_parameters
+            policy_loss = -(active_mean(surrogate, alive, shared) * agent_weight).sum()
+            entropy = (active_mean(distribution.entropy(), alive, shared) * agent_weight).sum()
         if train_critic:
             value_loss = huber_value_loss(
                 self.values(minibatch),
@@ -749,17 +782,16 @@ class FP3OModule(L.LightningModule):
             order = torch.randperm(sequences, generator=self.generator).to(self.device)
             # Shuffled whole sequences, gathered once per epoch; minibatches are slices of them.
             index = (order.unsqueeze(-1) * chunk + steps).reshape(-1)
-            shuffled = batch[index]
-            shuffled_factor = None if factor is None else factor[index]
-            for start in range(0, batch.numel(), size):
-                minibatch = shuffled[start : start + size]
+            minibatches = batch[index].split(size)  # one TensorDict call per epoch, not one per minibatch
+            factors = [None] * len(minibatches) if factor is None else factor[index].split(size)
+            for minibatch, minibatch_factor in zip(minibatches, factors, strict=True):
                 if train_critic and hp.value_norm_update == "minibatch":
                     self.update_value_normalizer(minibatch["value_target"])
                 if hp.compile_update and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
                 loss, policy_loss, entropy, value_loss, log_prob = minibatch_loss(
                     minibatch,
-                    None if factor is None else shuffled_factor[start : start + size],
+                    minibatch_factor,
                     agent_weight,
                     train_actor,
                     train_critic,
@@ -981,6 +1013,20 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def active_mean(value: Tensor, alive: Tensor | None, shared: bool) -> Tensor:
+    """The per-agent means ``[n_agents]`` of ``value [B, n_agents]`` over the samples where the agent is
+    alive (all samples when ``alive`` is None), as the paper code's ``use_policy_active_masks``: per agent
+    for per-agent networks; for ``shared`` networks over all agents' live samples together (scaled by
+    ``n_agents``, so that their mean over agents is the mean over every live sample)."""
+    if alive is None:
+        return value.mean(0)
+    alive = alive.to(value.dtype)
+    total = (value * alive).sum(0)
+    if shared:
+        return total * value.shape[-1] / alive.sum().clamp(min=1.0)
+    return total / alive.sum(0).clamp(min=1.0)
 
 
 def finished_episodes(rollout: TensorDictBase) -> Tensor:

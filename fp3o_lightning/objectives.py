@@ -45,17 +45,19 @@ def dependence_gate(
     old_log_prob: Tensor,
     advantage: Tensor,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
+    alive: Tensor | None = None,
 ) -> bool:
     """Whether the dependence phase may run: ``sum_j sum_b factor_j r_j^mid A >= sum_j sum_b r_j^mid A``.
 
     Mirrors the paper's official code: the dependence phase is skipped when weighting every
     agent's middle surrogate by its factor would lower the total over the batch (with the same
     1e-5 tolerance). ``all_reduce`` sums the two totals across processes (DDP), so that every
-    rank takes the same branch.
+    rank takes the same branch. ``alive`` (bool ``[..., n_agents]``) leaves dead agents' samples out.
     """
     middle_ratio = torch.exp(middle_log_prob - old_log_prob)
     factor = dependence_factor(middle_log_prob, old_log_prob)
-    sums = torch.stack([(factor * middle_ratio * advantage).sum(), (middle_ratio * advantage).sum()])
+    weighted = middle_ratio * advantage if alive is None else middle_ratio * advantage * alive
+    sums = torch.stack([(factor * weighted).sum(), weighted.sum()])
     if all_reduce is not None:
         sums = all_reduce(sums)
     return bool(sums[0] + 1e-5 >= sums[1])

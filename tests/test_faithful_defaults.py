@@ -116,3 +116,42 @@ def test_paps_heads_learn_at_n_agents_times_the_actor_rate(scale: bool) -> None:
 def test_unknown_option_values_name_the_choices(option: str) -> None:
     with pytest.raises(ValueError, match=f"model.{option}='nope' is unknown; choose one of"):
         small_module(**{option: "nope"})
+
+
+SMAX_3M = {"name": "smax", "map_name": "3m", "max_episode_steps": 20}
+
+
+def test_smac_style_critic_reads_the_agent_specific_state() -> None:
+    """On SMAC-style maps the per-agent critic reads MAPPO's agent-specific global state (the state and
+    the agent's observation); elsewhere the state."""
+    pytest.importorskip("jaxmarl")
+    smax = small_module(env=SMAX_3M, sharing="fups", rollout_length=16, num_minibatches=2)
+    assert smax.critic_keys == ("state", ("agents", "observation"))
+    assert smax.alive  # SMAX says which agents are alive
+    assert small_module().critic_keys == ("state",)
+    assert small_module(env=SMAX_3M, critic_input="state").critic_keys == ("state",)
+    batch, _ = smax.compute_advantages(sampled_rollout(smax, steps=16))
+    assert batch["advantage"].shape == (batch.numel(), smax.n_agents)
+    assert ("agents", "alive") in batch.keys(True)
+
+
+@pytest.mark.parametrize("active_masks", [True, False])
+def test_dead_agents_leave_the_policy_loss(active_masks: bool) -> None:
+    """With ``active_masks`` a dead agent's samples change neither the policy loss nor the entropy."""
+    pytest.importorskip("jaxmarl")
+    module = small_module(
+        env=SMAX_3M, sharing="nops", rollout_length=16, num_minibatches=2, active_masks=active_masks
+    )
+    batch, _ = module.compute_advantages(sampled_rollout(module, steps=16))
+    alive = torch.ones(batch.numel(), module.n_agents, dtype=torch.bool)
+    alive[::3, 1] = False
+    batch["agents", "alive"] = alive
+    weight = torch.ones(module.n_agents)
+    loss = module.minibatch_loss(batch, None, weight, True, False)
+    changed = batch.clone()
+    changed["advantage"][~alive] += 100.0
+    n_actions = module.policy.head[0].weight.shape[1]
+    changed["agents", "action"][~alive] = (changed["agents", "action"][~alive] + 1) % n_actions
+    other = module.minibatch_loss(changed, None, weight, True, False)
+    same = torch.equal(loss[1], other[1]) and torch.equal(loss[2], other[2])
+    assert same == active_masks

@@ -124,3 +124,25 @@ def test_normalize_advantage_per_agent():
     torch.testing.assert_close(flat.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(flat.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(out[..., 1], normalize_advantage(adv[..., 1:2]).squeeze(-1))
+
+
+def test_gate_and_active_mean_leave_dead_agents_out():
+    from fp3o_lightning.module import active_mean
+
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(50, 3, generator=gen)
+    middle = old + 0.1 * torch.randn(50, 3, generator=gen)
+    advantage = torch.randn(50, 3, generator=gen)
+    alive = torch.rand(50, 3, generator=gen) > 0.3
+    flipped = torch.where(alive, advantage, -50.0 * advantage.abs() - 1.0)
+    assert dependence_gate(middle, old, advantage, alive=alive) == dependence_gate(
+        middle, old, flipped, alive=alive
+    )
+    assert dependence_gate(middle, old, advantage) != dependence_gate(middle, old, flipped)  # unmasked
+    value = torch.where(alive, torch.randn(50, 3, generator=gen), 1e6)
+    per_agent = active_mean(value, alive, shared=False)
+    for i in range(3):
+        assert per_agent[i].item() == pytest.approx(value[alive[:, i], i].mean().item(), rel=1e-5)
+    shared = active_mean(value, alive, shared=True)
+    assert shared.mean().item() == pytest.approx(value[alive].mean().item(), rel=1e-5)
+    torch.testing.assert_close(active_mean(value, None, shared=True), value.mean(0))

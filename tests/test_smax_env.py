@@ -76,6 +76,7 @@ def test_specs_shapes_and_attributes() -> None:
     expected = {
         ("agents", "observation"): ((N, a, env.obs_size), torch.float32),
         ("agents", "action_mask"): ((N, a, k), torch.bool),
+        ("agents", "alive"): ((N, a), torch.bool),
         "state": ((N, env.state_size), torch.float32),
         "won": ((N, 1), torch.bool),
         "done": ((N, 1), torch.bool),
@@ -270,3 +271,31 @@ def test_map_lists_match_jaxmarl() -> None:
 def test_invalid_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SMAXEnv("3m", **kwargs)
+
+
+def test_observations_carry_the_last_action_and_alive_flags() -> None:
+    """As SMAC's ``obs_last_action`` in the paper's code: each ally's observation ends with the one-hot of
+    its previous action (zeros after a reset); ``("agents", "alive")`` follows SMAX's ``unit_alive``."""
+    env = SMAXEnv("3m", num_envs=N, seed=0)
+    plain = SMAXEnv("3m", num_envs=N, seed=0, obs_last_action=False)
+    assert env.obs_size == plain.obs_size + env.n_actions
+    td, plain_td = env.reset(), plain.reset()
+    k = env.n_actions
+    assert (td["agents", "observation"][..., -k:] == 0).all() and td["agents", "alive"].all()
+    gen = torch.Generator().manual_seed(0)
+    deaths = resets = 0
+    for _ in range(60):
+        action = torch.randint(0, k, (N, env.n_agents), generator=gen)
+        td["agents", "action"], plain_td["agents", "action"] = action, action.clone()
+        data, td = env.step_and_maybe_reset(td)
+        plain_data, plain_td = plain.step_and_maybe_reset(plain_td)
+        obs = data["next", "agents", "observation"]
+        torch.testing.assert_close(obs[..., :-k], plain_data["next", "agents", "observation"])
+        assert torch.equal(obs[..., -k:], torch.nn.functional.one_hot(action, k).float())
+        np.testing.assert_array_equal(td["agents", "alive"].numpy(), _alive_allies(env))
+        deaths += int((~data["next", "agents", "alive"]).sum())
+        done = data["next", "done"].squeeze(-1)
+        if done.any():  # the auto-reset starts with no previous action
+            resets += int(done.sum())
+            assert (td["agents", "observation"][done][..., -k:] == 0).all()
+    assert deaths > 0 and resets > 0

@@ -13,7 +13,11 @@ threads by default (a step mostly waits for StarCraft II, which runs in its own 
 
 The data it produces (batch size ``[num_envs]``):
 
-* ``("agents", "observation")`` float32 ``[num_envs, n_agents, obs_size]``: smacv2's ``get_obs()``.
+* ``("agents", "observation")`` float32 ``[num_envs, n_agents, obs_size]``: smacv2's ``get_obs()``, built
+  with ``obs_last_action=True`` unless ``smacv2_kwargs`` say otherwise (each agent's observation ends with
+  its previous action, as in the paper's code).
+* ``("agents", "alive")`` bool ``[num_envs, n_agents]``: False for a dead agent (one whose only available
+  action is the no-op); trainers mask dead agents out of their policy loss.
 * ``("agents", "action_mask")`` bool ``[num_envs, n_agents, n_actions]``: the available actions (a dead agent
   has only the no-op, action 0). The action spec's mask follows it, so ``rand_action`` samples valid actions.
 * ``("agents", "action")`` int64 ``[num_envs, n_agents]`` (input, ``Categorical(n_actions)``): action indices;
@@ -391,6 +395,8 @@ class SMACv2TaskEnv(EnvBase):
         TypeError: for a keyword argument that smacv2's ``StarCraft2Env`` does not take.
     """
 
+    #: the paper's code gives SMAC critics MAPPO's agent-specific global state (``critic_input="auto"``)
+    agent_specific_state = True
     batch_locked = True
 
     def __init__(
@@ -417,6 +423,7 @@ class SMACv2TaskEnv(EnvBase):
             check_sc2_installed(SMACV2_MAP_FILE if smac_map.startswith("10gen_") else smac_map)
             if smac_map.startswith("10gen_"):
                 smacv2_kwargs = {**SMACV2_ENV_DEFAULTS, **smacv2_kwargs}
+            smacv2_kwargs.setdefault("obs_last_action", True)
             _check_smacv2_kwargs(smacv2_kwargs)
 
             def env_factory(sub_seed: int | None) -> EnvBase:
@@ -478,7 +485,13 @@ class SMACv2TaskEnv(EnvBase):
         n, a, k = self.num_envs, self.n_agents, self.n_actions
         action = Categorical(k, shape=(n, a), dtype=torch.int64, device=self.device)
         set_contract_specs(
-            self, self.obs_size, self.state_size, action, n_actions=k, flags=("won", "faulted")
+            self,
+            self.obs_size,
+            self.state_size,
+            action,
+            n_actions=k,
+            flags=("won", "faulted"),
+            agent_flags=("alive",),
         )
 
     def sub_seed(self, index: int, fault: int = 0) -> int | None:
@@ -565,7 +578,8 @@ class SMACv2TaskEnv(EnvBase):
         }
         if reward:
             data["reward"] = self._reward.clone()
-        agents = {"observation": self._obs.clone(), "action_mask": mask}
+        only_no_op = mask[..., 0] & ~mask[..., 1:].any(-1)  # SMAC's dead agents may only take the no-op
+        agents = {"observation": self._obs.clone(), "action_mask": mask, "alive": ~only_no_op}
         if self.device.type != "cpu":
             data = {key: value.to(self.device, non_blocking=True) for key, value in data.items()}
             agents = {key: value.to(self.device, non_blocking=True) for key, value in agents.items()}

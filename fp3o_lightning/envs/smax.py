@@ -8,7 +8,10 @@ data it produces (batch size ``[num_envs]``; ``A`` = ``n_agents``, the allies):
 
 * ``("agents", "observation")`` float32 ``[num_envs, A, obs]``: SMAX's per-ally observation
   (``observation_type="unit_list"`` by default: the features of the other units within sight range,
-  then the ally's own).
+  then the ally's own), followed with ``obs_last_action`` (the default, as SMAC's ``obs_last_action`` in
+  the paper's code) by the one-hot of the ally's previous action (zeros after a reset).
+* ``("agents", "alive")`` bool ``[num_envs, A]``: whether each ally is alive (SMAX's ``unit_alive``);
+  trainers mask dead agents out of their policy loss.
 * ``("agents", "action_mask")`` bool ``[num_envs, A, n_actions]``: the actions available at the *next*
   step (SMAX's ``get_avail_actions``), True = allowed. Actions are ``0-3`` move, ``4`` stop, ``5 + j``
   attack enemy ``j`` (allowed when ``j`` is alive and within attack range). A dead ally may only stop
@@ -248,6 +251,7 @@ def _build_program(map_name: str, num_envs: int, smax_kwargs: dict, jdev: Any) -
             jnp.stack([obs[a] for a in agents]).astype(jnp.float32),
             jnp.stack([avail[a] for a in agents]).astype(jnp.bool_),
             env.get_world_state(state).astype(jnp.float32),
+            state.state.unit_alive[:n_allies].astype(jnp.bool_),
         )
 
     def flags(state: Any, limit: Any) -> tuple:
@@ -266,20 +270,20 @@ def _build_program(map_name: str, num_envs: int, smax_kwargs: dict, jdev: Any) -
         _, fresh = env.reset(reset_key)
         state = jax.tree.map(lambda a, b: jnp.where(reset, a, b), strong(fresh), state)
         key = jnp.where(reset, new_key, key)
-        obs, mask, world = observe(state)
+        obs, mask, world, alive = observe(state)
         false = jnp.zeros((1,), jnp.bool_)
-        return key, state, (obs, mask, world, jnp.zeros((1,), jnp.float32), false, false, false, false)
+        return key, state, (obs, mask, world, alive, jnp.zeros((1,), jnp.float32), false, false, false, false)
 
     def step_one(key, state, action, limit):
         key, step_key = jax.random.split(key)
         actions = {a: action[i] for i, a in enumerate(agents)}
         _, state, rewards, _, _ = env.step_env(step_key, state, actions)
         state = strong(state)
-        obs, mask, world = observe(state)
+        obs, mask, world, alive = observe(state)
         terminated, truncated, won = flags(state, limit)
         reward = jnp.asarray(rewards[agents[0]], jnp.float32).reshape(1)
         done_flags = (terminated | truncated, terminated, truncated, won)
-        return key, state, (obs, mask, world, reward, *(f.reshape(1) for f in done_flags))
+        return key, state, (obs, mask, world, alive, reward, *(f.reshape(1) for f in done_flags))
 
     key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
     keys = jax.device_put(np.zeros((num_envs, key_words), np.uint32), jdev)
@@ -336,6 +340,8 @@ class SMAXEnv(EnvBase):
             they need StarCraft II via the ``smacv2`` env), or invalid arguments.
     """
 
+    #: the paper's code gives SMAC critics MAPPO's agent-specific global state (``critic_input="auto"``)
+    agent_specific_state = True
     batch_locked = True
 
     def __init__(
@@ -345,6 +351,7 @@ class SMAXEnv(EnvBase):
         max_episode_steps: int | None = None,
         seed: int | None = None,
         device: torch.device | str = "cpu",
+        obs_last_action: bool = True,
         **smax_kwargs: Any,
     ) -> None:
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
@@ -374,12 +381,14 @@ class SMAXEnv(EnvBase):
         self.n_agents = int(env.num_allies)
         self.n_enemies = int(env.num_enemies)
         self.n_actions = int(env.num_ally_actions)
-        self.obs_size = int(env.obs_size)
+        self.obs_last_action = bool(obs_last_action)
+        self.obs_size = int(env.obs_size) + (self.n_actions if self.obs_last_action else 0)
         self.state_size = int(env.state_size)
         self.compile_time_s = program.compile_time_s if compiled else 0.0
         self._states = program.state_template
         self._seed: int | None = None
         self._agents_batch = torch.Size([num_envs, self.n_agents])
+        self._last_action = torch.full(self._agents_batch, -1, dtype=torch.int64)  # -1: none since a reset
         self._to_device = jdev.platform == "cpu" and self.device.type != "cpu"
         self._make_specs()
         self._seed_keys(seed)
@@ -392,7 +401,9 @@ class SMAXEnv(EnvBase):
     def _make_specs(self) -> None:
         n, a, k = self.num_envs, self.n_agents, self.n_actions
         action = Categorical(k, shape=(n, a), dtype=torch.int64, device=self.device)
-        set_contract_specs(self, self.obs_size, self.state_size, action, n_actions=k, flags=("won",))
+        set_contract_specs(
+            self, self.obs_size, self.state_size, action, n_actions=k, flags=("won",), agent_flags=("alive",)
+        )
 
     # ------------------------------------------------------------------ core
     def _put(self, array: np.ndarray) -> Any:
@@ -405,11 +416,16 @@ class SMAXEnv(EnvBase):
         import jax
 
         outputs = jax.block_until_ready(outputs)
-        obs, mask, state, rew, done, terminated, truncated, won = (torch.from_dlpack(x) for x in outputs)
+        obs, mask, state, alive, rew, done, terminated, truncated, won = (
+            torch.from_dlpack(x) for x in outputs
+        )
         data = {"state": state, "done": done, "terminated": terminated, "truncated": truncated, "won": won}
         if reward:
             data["reward"] = rew
-        agents = {"observation": obs, "action_mask": mask}
+        if self.obs_last_action:  # one-hot of the previous action; index -1 (none) gives zeros
+            last = torch.nn.functional.one_hot(self._last_action + 1, self.n_actions + 1)[..., 1:]
+            obs = torch.cat([obs, last.to(obs.device, obs.dtype)], -1)
+        agents = {"observation": obs, "action_mask": mask, "alive": alive}
         if self._to_device:
             data = {key: value.to(self.device, non_blocking=True) for key, value in data.items()}
             agents = {key: value.to(self.device, non_blocking=True) for key, value in agents.items()}
@@ -428,6 +444,7 @@ class SMAXEnv(EnvBase):
         self._keys, self._states, outputs = self._program.step(
             self._keys, self._states, self._put(action.numpy()), self._limit
         )
+        self._last_action = action.long()
         return self._output(outputs, reward=True)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
@@ -437,6 +454,7 @@ class SMAXEnv(EnvBase):
         else:
             mask = reset.detach().reshape(self.num_envs, -1).any(-1).cpu().numpy().astype(np.bool_)
         self._keys, self._states, outputs = self._program.reset(self._keys, self._states, self._put(mask))
+        self._last_action[torch.from_numpy(mask)] = -1
         return self._output(outputs, reward=False)
 
     def _set_seed(self, seed: int | None) -> None:
@@ -473,7 +491,8 @@ class SMAXEnv(EnvBase):
 
         ``"keys"``: the sub-envs' JAX PRNG key data (int64 ``[num_envs, words]``); ``"state"``: every leaf
         of the batched JaxMARL state (units, health, cooldowns, step counters, the heuristic enemies'
-        memory, ...) as a tensor, by its pytree path; ``"seed"`` (an int), ``"format"`` and ``"config"``.
+        memory, ...) as a tensor, by its pytree path; ``"last_action"`` (int64 ``[num_envs, A]``, -1 after a
+        reset); ``"seed"`` (an int), ``"format"`` and ``"config"``.
         Only tensors, ints and strings, so ``torch.load(..., weights_only=True)`` reads it. After
         ``other.load_state_dict(env.state_dict())`` (same map, options and ``num_envs``), ``other``
         continues bit for bit like ``env`` given the same actions and TensorDicts (the current observation
@@ -487,6 +506,7 @@ class SMAXEnv(EnvBase):
             "config": {**self._state_config(), "max_episode_steps": self.max_episode_steps},
             "seed": self._seed,
             "keys": torch.from_numpy(np.asarray(self._keys).astype(np.int64)),
+            "last_action": self._last_action.clone(),
             "state": {jax.tree_util.keystr(path): torch.from_numpy(np.array(leaf)) for path, leaf in leaves},
         }
 
@@ -530,6 +550,8 @@ class SMAXEnv(EnvBase):
         self._states = jax.tree_util.tree_unflatten(treedef, leaves)
         self._keys = self._put(keys.astype(np.uint32))
         self._seed = state["seed"]
+        # States saved before obs_last_action carry none: no previous action, as after a reset.
+        self._last_action = state.get("last_action", torch.full(self._agents_batch, -1)).clone()
 
 
 def clear_compile_cache() -> None:

@@ -8,6 +8,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
+from fp3o_lightning.keys import ALIVE
 from fp3o_lightning.objectives import dependence_factor, dependence_gate, non_overlapping_selection
 from fp3o_lightning.schemes.base import UpdateScheme
 
@@ -40,7 +41,10 @@ class FP3O(UpdateScheme):
         middle_log_prob, kl_old_middle = module.measure(batch)
         separated_agent, selected_agent = non_overlapping_selection(module.n_agents, module.generator)
         factor = dependence_factor(middle_log_prob, old_log_prob)
-        gate = dependence_gate(middle_log_prob, old_log_prob, batch["advantage"], module.all_reduce_sum)
+        alive = batch.get(ALIVE) if module.alive else None
+        gate = dependence_gate(
+            middle_log_prob, old_log_prob, batch["advantage"], module.all_reduce_sum, alive=alive
+        )
         stats = {f"{key}_independence": value for key, value in independence.items()}
         if gate:
             dependence = module.ppo_phase(batch, factor=factor)
