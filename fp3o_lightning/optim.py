@@ -11,13 +11,15 @@ from torch import Tensor
 def clip_grad_norm_per_agent(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
     """Clip the gradient of each agent's network (dim 0 of stacked parameters) to ``max_norm``.
 
-    Vectorised over agents; returns the per-agent norms before clipping, shape ``[n_agents]``.
+    Vectorised over agents; returns the per-agent norms before clipping, shape ``[n_agents]``. The squares
+    and the scaling are one ``torch._foreach`` call each over all the gradients (bit for bit the
+    per-tensor ops, without a Python call per tensor).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    squares = torch._foreach_mul(grads, grads)
+    norms = torch.stack([s.flatten(1).sum(1) for s in squares]).sum(0).sqrt()
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+    torch._foreach_mul_(grads, [coef.view(-1, *([1] * (g.dim() - 1))) for g in grads])
     return norms
 
 
