@@ -864,7 +864,7 @@ class FP3OModule(L.LightningModule):
                     env.max_episode_steps, actor, break_when_any_done=False, auto_cast_to_device=True
                 )
                 done = rollout["next", "done"].squeeze(-1)
-                in_first_episode = done.cumsum(-1) == 0  # BROKEN
+                in_first_episode = (done.cumsum(-1) - done.long()) == 0
                 returns.append((rollout["next", "reward"].squeeze(-1) * in_first_episode).sum(-1))
                 if ("next", "won") in rollout.keys(True):
                     first_done = done & in_first_episode
