@@ -41,7 +41,7 @@ from mlflow import MlflowClient
 
 from fp3o_lightning.callbacks import IterationCheckpoint, IterationProgressBar
 from fp3o_lightning.callbacks.checkpoints import CHECKPOINT_ROOT
-from fp3o_lightning.module import FP3OModule
+from fp3o_lightning.module import FP3OModule, legacy_hparams
 
 #: Every ``fp3o`` command, as ``fp3o --help`` lists it.
 COMMANDS = {
@@ -209,8 +209,12 @@ class FP3OCLI(LightningCLI):
         given = given.as_dict() if given is not None else {}
         check_unchanged(config.ckpt_path, given, self.model_class)
         super()._parse_ckpt_path()  # a new self.config
+        model = self.config[self.config.subcommand].model
+        saved = load_checkpoint(config.ckpt_path).get("hyper_parameters", {})
+        for name, value in legacy_hparams(saved).items():  # what an older checkpoint was trained with
+            model[name] = value
         for name in RESUMABLE.intersection(given):
-            self.config[self.config.subcommand].model[name] = given[name]
+            model[name] = given[name]
 
     def before_instantiate_classes(self) -> None:
         """Check the MLflow store; a fit from a checkpoint continues its MLflow run."""
@@ -253,6 +257,7 @@ def check_unchanged(path: str, given: dict[str, Any], model_class: type) -> None
     """Raise, naming them, where model options given, other than ``RESUMABLE`` ones, differ from the
     checkpoint's (from their default, for options newer than the checkpoint)."""
     saved = load_checkpoint(path).get("hyper_parameters", {})
+    saved = {**saved, **legacy_hparams(saved)}
     parameters = inspect.signature(model_class).parameters
     differ = []
     for name, value in given.items():

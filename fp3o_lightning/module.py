@@ -62,6 +62,21 @@ CRITICS = ("agent", "team")
 VALUE_NORM_UPDATES = ("minibatch", "iteration")
 ROLLOUT_DEVICES = ("env", "trainer")
 CRITIC_INPUTS = ("auto", "state", "state_and_observation")
+#: What a checkpoint written before an option existed was trained with (the package's behaviour then,
+#: before the paper code's defaults): ``legacy_hparams`` gives them to the options it lacks.
+LEGACY_HPARAMS: dict[str, Any] = {
+    "time_limit": "bootstrap",
+    "critic": "team",
+    "critic_input": "state",
+    "active_masks": False,
+    "agent_id": False,
+    "value_norm_update": "iteration",
+    "paps_head_lr_scale": False,
+}
+LEGACY_ENV_OPTIONS: dict[str, dict[str, Any]] = {
+    "mamujoco": {"clip_actions": True},
+    "smax": {"obs_last_action": False},
+}
 EVAL_SEED_OFFSET = 1_000_000  # evaluation environments never share seeds with training ones
 AGENT_ORDERS = ("separated_agent", "selected_agent", "update_order")
 # The iteration statistics logged under train/ (the run's progress); the update's go under update/.
@@ -984,6 +999,18 @@ class FP3OModule(L.LightningModule):
         # not where the checkpoint's epoch ended: Lightning restores that from "is_last_batch".
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
         progress["is_last_batch"] = False
+
+
+def legacy_hparams(saved: dict[str, Any]) -> dict[str, Any]:
+    """The options a checkpoint's hyperparameters ``saved`` lack, with the values it was trained with
+    (``LEGACY_HPARAMS``; its environment's ``LEGACY_ENV_OPTIONS`` too), so that checkpoints written
+    before the paper code's defaults still load, evaluate and resume as they were."""
+    missing = {name: value for name, value in LEGACY_HPARAMS.items() if name not in saved}
+    if missing and isinstance(saved.get("env"), dict):
+        env = saved["env"]
+        extra = LEGACY_ENV_OPTIONS.get(env.get("name"), {})
+        missing["env"] = {**env, **{k: v for k, v in extra.items() if k not in env}}
+    return missing
 
 
 def rng_states() -> dict[str, Any]:

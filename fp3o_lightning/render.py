@@ -213,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``fp3o render`` (see ``fp3o render --help``)."""
-    from fp3o_lightning.module import DEFAULT_ENV, FP3OModule
+    from fp3o_lightning.module import DEFAULT_ENV, FP3OModule, legacy_hparams
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         _check_renderable(checkpoint["hyper_parameters"].get("env") or DEFAULT_ENV)
     except ValueError as err:
         parser.error(str(err))
-    module = FP3OModule.load_from_checkpoint(args.ckpt_path, map_location="cpu", weights_only=False)
+    legacy = legacy_hparams(checkpoint["hyper_parameters"])  # options newer than the checkpoint
+    module = FP3OModule.load_from_checkpoint(args.ckpt_path, map_location="cpu", weights_only=False, **legacy)
     try:
         path, count, fps = _render(
             module, args.output, args.steps, args.seed, args.fps, args.width, args.height

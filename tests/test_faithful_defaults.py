@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -155,3 +156,36 @@ def test_dead_agents_leave_the_policy_loss(active_masks: bool) -> None:
     other = module.minibatch_loss(changed, None, weight, True, False)
     same = torch.equal(loss[1], other[1]) and torch.equal(loss[2], other[2])
     assert same == active_masks
+
+
+def test_checkpoints_from_before_these_options_still_evaluate_and_resume(tmp_path, monkeypatch) -> None:
+    """A checkpoint written before the paper code's defaults (no such options in its hyperparameters,
+    scalar value-normaliser statistics) loads with the behaviour it was trained with, and resumes."""
+    from fp3o_lightning.cli import main
+    from fp3o_lightning.module import LEGACY_HPARAMS
+
+    monkeypatch.chdir(tmp_path)
+    env = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 40}
+    args = [f"--model.env={json.dumps({**env, 'clip_actions': True})}", "--model.num_envs=2"]
+    args += ["--model.rollout_length=40", "--model.num_minibatches=2", "--model.ppo_epochs=1"]
+    args += ["--model.eval_interval=0", "--model.checkpoint_interval=1"]
+    args += ["--trainer.enable_progress_bar=false"]
+    legacy = [f"--model.{name}={value}" for name, value in LEGACY_HPARAMS.items()]
+    main(["fit", *args, *legacy, "--model.total_frames=80"])
+    (path,) = tmp_path.glob("checkpoints/*/last.ckpt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    for name in LEGACY_HPARAMS:  # as an older version wrote it
+        del checkpoint["hyper_parameters"][name]
+    del checkpoint["hyper_parameters"]["env"]["clip_actions"]
+    state = checkpoint["state_dict"]
+    for name in ("running_mean", "running_mean_sq"):
+        state[f"value_normalizer.{name}"] = state[f"value_normalizer.{name}"].reshape(())
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    main(["validate", f"--ckpt_path={old}", "--trainer.enable_progress_bar=false"])
+    main(["fit", *args, f"--ckpt_path={old}", "--model.total_frames=160"])
+    resumed = max(tmp_path.glob("checkpoints/*/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    resumed = torch.load(resumed, map_location="cpu", weights_only=False)
+    assert resumed["fp3o"]["frames"] == 160
+    assert {k: resumed["hyper_parameters"][k] for k in LEGACY_HPARAMS} == LEGACY_HPARAMS
+    assert resumed["hyper_parameters"]["env"]["clip_actions"] is True
