@@ -242,8 +242,8 @@ class FP3O:
                 mb = {k: v[:, start : start + size] for k, v in shuffled.items()}
                 self.step(mb, mb.get("factor"))
 
-    def update(self, rollout: dict[str, Tensor]) -> bool:
-        """GAE, the independence phase, then the dependence phase where the gate allows; returns the gate."""
+    def update(self, rollout: dict[str, Tensor]) -> None:
+        """GAE, the independence phase, then the dependence phase where the gate allows it."""
         batch = self.batch(rollout)
         self.phase(batch, None)
         with torch.no_grad():
@@ -255,7 +255,6 @@ class FP3O:
             )
         if gate:
             self.phase(batch, factor)
-        return gate
 
 
 @dataclass
