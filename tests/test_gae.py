@@ -119,10 +119,28 @@ def sizes() -> tuple[int, int, int]:
     return result
 
 
+def critic_inputs(options: dict, data: TensorDict) -> torch.Tensor:
+    """What the critic reads: IPPO each agent's observation, the agent-specific critic the state with
+    each agent's observation, the others the state."""
+    if options["algorithm"] == "ippo":
+        return data[OBSERVATION]
+    if options.get("critic_input") == "state_and_observation":
+        observation = data[OBSERVATION]
+        state = data["state"].unsqueeze(-2).expand(*observation.shape[:-1], -1)
+        return torch.cat([state, observation], -1)
+    return data["state"]
+
+
 CRITICS = {
     "team V(s)": {"algorithm": "mappo", "critic": "team", "sharing": "nops"},
     "V(s, i), one normaliser per agent": {"algorithm": "fp3o", "critic": "agent", "sharing": "nops"},
     "V(s, i), one shared normaliser": {"algorithm": "happo", "critic": "agent", "sharing": "fups"},
+    "V(s, o_i), agent-specific state": {
+        "algorithm": "mappo",
+        "critic": "agent",
+        "sharing": "paps",
+        "critic_input": "state_and_observation",
+    },
     "IPPO V(o_i)": {"algorithm": "ippo", "critic": "agent", "sharing": "nops"},
     "IPPO V(o_i), one normaliser": {"algorithm": "ippo", "critic": "team", "sharing": "paps"},
 }
@@ -139,8 +157,9 @@ def test_advantages_and_value_targets_match_a_step_by_step_reference(sizes, opti
     rollout = synthetic_rollout(module.n_agents, *sizes)
     with torch.no_grad():
         critic = module.critic
-        key = OBSERVATION if options["algorithm"] == "ippo" else "state"  # IPPO's critic is local
-        raw_value, raw_next_value = critic(rollout[key]), critic(rollout["next"][key])
+        raw_value, raw_next_value = (
+            critic(critic_inputs(options, data)) for data in (rollout, rollout["next"])
+        )
         value = module.value_normalizer.denormalize(raw_value)
         next_value = module.value_normalizer.denormalize(raw_next_value)
     width = value.shape[-1]
