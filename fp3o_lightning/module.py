@@ -238,6 +238,8 @@ class FP3OModule(L.LightningModule):
         self.save_hyperparameters()
         self.hparams.env = env = dict(DEFAULT_ENV if env is None else env)
         self._validate()
+        if num_threads:  # before anything is computed, so that every fit in a process rounds alike
+            torch.set_num_threads(num_threads)
         self.automatic_optimization = False
         L.seed_everything(seed, verbose=False)
         probe = make_env(**env, num_envs=1)
