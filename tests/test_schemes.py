@@ -48,6 +48,10 @@ def test_every_algorithm_and_network_type_trains(algorithm, sharing):
     assert unmoved(module, before) == []
 
 
+def snapshot(network: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in network.parameters()])
+
+
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
 def test_happo_actor_phases_leave_the_critic_and_its_critic_phase_the_actors(sharing, monkeypatch):
     """HAPPO's per-agent phases train no critic; its last phase (``train_actor=False``) trains the
@@ -59,22 +63,14 @@ def test_happo_actor_phases_leave_the_critic_and_its_critic_phase_the_actors(sha
     def checking_phase(batch, **kwargs):
         actors, critic = snapshot(module.policy), snapshot(module.critic)
         stats = original(batch, **kwargs)
-        phases.append(
-            (kwargs.get("agents") is not None, *moved(module.policy, actors, module.critic, critic))
-        )
+        actors_moved = not torch.equal(snapshot(module.policy), actors)
+        critic_moved = not torch.equal(snapshot(module.critic), critic)
+        phases.append((kwargs.get("agents") is not None, actors_moved, critic_moved))
         return stats
 
     monkeypatch.setattr(module, "ppo_phase", checking_phase)
     module.scheme.update(module, rollout_batch(module))
     assert phases == [(True, True, False)] * module.n_agents + [(False, False, True)]
-
-
-def snapshot(network: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten().clone() for p in network.parameters()])
-
-
-def moved(actors, actors_before, critic, critic_before) -> tuple[bool, bool]:
-    return not torch.equal(snapshot(actors), actors_before), not torch.equal(snapshot(critic), critic_before)
 
 
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
