@@ -164,7 +164,10 @@ def test_mlflow_page_shows_the_learning_curves_first(finished_run):
 
 def test_compile_update_without_a_compiler_stops_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-c++"))
-    with pytest.raises(RuntimeError, match=r"C\+\+ compiler.*model\.compile_update false"):
+    # inductor's own patch: monkeypatch would leave its config module without the option afterwards
+    with (
+        torch._inductor.config.patch({"cpp.cxx": (None, "no-such-c++")}),
+        pytest.raises(RuntimeError, match=r"C\+\+ compiler.*model\.compile_update false"),
+    ):
         main([*ARGS, QUIET, "--model.compile_update=true", "--trainer.logger=false"])
     assert not Path("checkpoints").exists()  # stopped before the first iteration
