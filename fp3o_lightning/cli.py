@@ -157,6 +157,14 @@ def check_mlflow_store(logger: Any) -> None:
             ) from error
 
 
+def _run_exists(tracking_uri: str, run_id: str) -> bool:
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except Exception:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _environment(**variables: str) -> Iterator[None]:
     """Set environment variables for the duration of a block (unless the user set them)."""
@@ -225,7 +233,15 @@ class FP3OCLI(LightningCLI):
         run = load_checkpoint(config.ckpt_path).get("fp3o", {}).get("mlflow")
         logger = config.trainer.get("logger")
         if run and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
-            logger.init_args.run_id = run["run_id"]  # continue the same MLflow run
+            if _run_exists(logger.init_args.tracking_uri, run["run_id"]):
+                logger.init_args.run_id = run["run_id"]  # continue the same MLflow run
+            else:  # e.g. the checkpoint moved to another machine without its MLflow store
+                warnings.warn(
+                    f"--ckpt_path {config.ckpt_path}: its MLflow run {run['run_id']} is not in "
+                    f"{logger.init_args.tracking_uri}; training continues in a new run (point "
+                    "--trainer.logger.init_args.tracking_uri at the original store to continue that one)",
+                    stacklevel=2,
+                )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's Trainer, whose default progress bar is the ``IterationProgressBar``."""

@@ -97,3 +97,16 @@ def test_validate_and_test_evaluate_a_checkpoint_deterministically(tmp_path, mon
     (tested,) = eval_metric(tmp_path, "test/return_mean")
     assert first == second == tested
     assert eval_metric(tmp_path, "eval/episodes") == [3.0, 3.0]
+
+
+def test_a_checkpoint_without_its_mlflow_store_resumes_into_a_new_run(tmp_path, monkeypatch):
+    """A checkpoint taken to another machine (its MLflow store left behind) still resumes, logging to a
+    new run of the configured store, with a warning that says how to continue the original one."""
+    monkeypatch.chdir(tmp_path)
+    main([*ARGS, "--model.total_frames=100", "--model.eval_interval=0"])
+    (other := tmp_path / "other").mkdir()  # the store on the new machine, without the run
+    store = f"--trainer.logger.init_args.tracking_uri=sqlite:///{other / 'mlflow.db'}"
+    with pytest.warns(UserWarning, match="is not in .*training continues in a new run"):
+        main([*ARGS, "--model.total_frames=200", "--model.eval_interval=0", "--ckpt_path=last", store])
+    runs, metrics = run_metrics(other)
+    assert runs == 1 and sorted(metrics["train/episode_return"]) == [200]
