@@ -9,3 +9,4 @@ LOC, SCALE = ("agents", "loc"), ("agents", "scale")  # the Gaussian's parameters
 LOGITS = ("agents", "logits")  # the categorical's parameters
 HIDDEN = "rnn_hidden"  # a recurrent actor's hidden state [..., n_agents, hidden], carried by the collector
 IS_INIT = "is_init"  # TorchRL's InitTracker: True at the first step of an episode
+CRITIC_HIDDEN = "critic_rnn_hidden"  # a recurrent critic's hidden state [..., rows, hidden] at each step

@@ -16,12 +16,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.strategies import DDPStrategy
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
-from torch.distributions import Distribution, kl_divergence
 from torchrl.collectors import Collector
 from torchrl.data import Categorical, Unbounded
 from torchrl.envs import Compose, EnvBase, InitTracker, TensorDictPrimer, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
 from fp3o_lightning import diagnostics
 from fp3o_lightning.actor import RolloutActor
@@ -32,13 +30,12 @@ from fp3o_lightning.keys import (
     ACTION_MASK,
     ALIVE,
     HIDDEN,
-    IS_INIT,
     LOC,
-    LOG_PROB,
     LOGITS,
     OBSERVATION,
     SCALE,
 )
+from fp3o_lightning.learner import PPOLearner
 from fp3o_lightning.nets import (
     ACTOR_NETWORKS,
     SHARING,
@@ -47,13 +44,6 @@ from fp3o_lightning.nets import (
     MultiAgentPolicy,
     ValueNormalizer,
 )
-from fp3o_lightning.objectives import (
-    clipped_surrogate,
-    explained_variance,
-    huber_value_loss,
-    normalize_advantage,
-)
-from fp3o_lightning.optim import AgentFreezer, clip_grad_norm_per_agent, skip_step_unless
 from fp3o_lightning.schemes import SCHEMES, make_scheme
 
 NONFINITE = ("skip", "stop")
@@ -62,6 +52,7 @@ CRITICS = ("agent", "team")
 VALUE_NORM_UPDATES = ("minibatch", "iteration")
 ROLLOUT_DEVICES = ("env", "trainer")
 CRITIC_INPUTS = ("auto", "state", "state_and_observation")
+CRITIC_NETWORKS = ("auto", "mlp", "rnn")
 #: What a checkpoint written before an option existed was trained with (the package's behaviour then,
 #: before the paper code's defaults): ``legacy_hparams`` gives them to the options it lacks.
 LEGACY_HPARAMS: dict[str, Any] = {
@@ -72,6 +63,7 @@ LEGACY_HPARAMS: dict[str, Any] = {
     "agent_id": False,
     "value_norm_update": "iteration",
     "paps_head_lr_scale": False,
+    "critic_network": "mlp",
 }
 LEGACY_ENV_OPTIONS: dict[str, dict[str, Any]] = {
     "mamujoco": {"clip_actions": True},
@@ -159,9 +151,12 @@ class FP3OModule(L.LightningModule):
         gain: orthogonal-init gain of the policy's output layer.
         actor_network: ``mlp`` or ``rnn`` (a GRU of width ``hidden_size`` after the MLP trunk, with
             the hidden state carried through rollouts and reset at episode starts; Table 7).
-        data_chunk_length: with ``rnn``, the update replays the rollout in sequences of this many
-            steps from the hidden state the rollout had at each sequence's start; minibatches are
-            made of whole sequences.
+        critic_network: ``mlp``, ``rnn`` (the critic's MLP trunk, a GRU with its hidden state carried
+            from rollout to rollout, a linear head) or ``auto`` (default): the actor's type, as in the
+            paper's code, whose recurrent policy has a recurrent critic.
+        data_chunk_length: with a recurrent actor or critic, the update replays the rollout in
+            sequences of this many steps from the hidden state the rollout had at each sequence's
+            start; minibatches are made of whole sequences.
         std_x_coef, std_y_coef: the policy std is ``sigmoid(log_std / x) * y``.
         seed: seeds parameters, environments (offset by process rank) and the scheme's generator.
         diagnostics_interval: every this many iterations, log the per-agent ratio/KL distributions
@@ -220,6 +215,7 @@ class FP3OModule(L.LightningModule):
         depth: int = 2,
         gain: float = 0.01,
         actor_network: str = "mlp",
+        critic_network: str = "auto",
         data_chunk_length: int = 10,
         std_x_coef: float = 1.0,
         std_y_coef: float = 0.5,
@@ -284,13 +280,30 @@ class FP3OModule(L.LightningModule):
                 depth,
                 per_agent_input=OBSERVATION in self.critic_keys,
                 agent_id=agent_id,
+                recurrent=self.recurrent_critic,
             )
         else:
-            self.critic = CentralCritic(state_size, hidden_size=hidden_size, depth=depth)
+            self.critic = CentralCritic(state_size, hidden_size, depth, recurrent=self.recurrent_critic)
         # One normaliser per agent where every agent has its own critic (the paper code's NoPS).
         per_agent = critic == "agent" and sharing == "nops"
         self.value_normalizer = ValueNormalizer(self.n_agents if per_agent else 1)
         self.generator = torch.Generator().manual_seed(seed)
+        self.learner = PPOLearner(
+            self.policy,
+            self.critic,
+            self.value_normalizer,
+            self.hparams,
+            param_keys=self.param_keys,
+            critic_keys=self.critic_keys,
+            alive=self.alive,
+            masked=self.masked,
+            chunk_length=self.chunk_length,
+            generator=self.generator,
+            optimizers=self.optimizers,
+            backward=self.manual_backward,
+            all_reduce_sum=self.all_reduce_sum,
+            world_size=lambda: self.trainer.world_size,
+        )
         self.iteration = 0
         self.frames = 0
         self.interrupted: str | None = None  # "SIGTERM" or "Ctrl-C" when fit stopped early
@@ -333,6 +346,7 @@ class FP3OModule(L.LightningModule):
             "value_norm_update": VALUE_NORM_UPDATES,
             "rollout_device": ROLLOUT_DEVICES,
             "critic_input": CRITIC_INPUTS,
+            "critic_network": CRITIC_NETWORKS,
         }
         for name, options in choices.items():
             if hp[name] not in options:
@@ -343,12 +357,13 @@ class FP3OModule(L.LightningModule):
             raise ValueError(
                 f"model.actor_network={hp.actor_network!r} is unknown; choose one of {ACTOR_NETWORKS}"
             )
-        if hp.actor_network == "rnn" and hp.rollout_length % hp.data_chunk_length:
+        recurrent = hp.actor_network == "rnn" or self.recurrent_critic
+        if recurrent and hp.rollout_length % hp.data_chunk_length:
             raise ValueError(
                 f"model.data_chunk_length={hp.data_chunk_length} does not divide model.rollout_length="
                 f"{hp.rollout_length}; pick a divisor of {hp.rollout_length}"
             )
-        chunk = hp.data_chunk_length if hp.actor_network == "rnn" else 1
+        chunk = hp.data_chunk_length if recurrent else 1
         sequences = hp.num_envs * hp.rollout_length // chunk
         if sequences % hp.num_minibatches:
             what = "sequences of data_chunk_length steps" if chunk > 1 else "num_envs x rollout_length"
@@ -364,9 +379,16 @@ class FP3OModule(L.LightningModule):
         return self.hparams.num_envs * self.hparams.rollout_length
 
     @property
+    def recurrent_critic(self) -> bool:
+        """Whether the critic is recurrent (``critic_network``; ``auto`` follows the actor)."""
+        hp = self.hparams
+        return hp.critic_network == "rnn" or (hp.critic_network == "auto" and hp.actor_network == "rnn")
+
+    @property
     def chunk_length(self) -> int:
-        """Steps per sequence in the update: ``data_chunk_length`` for a recurrent actor, else 1."""
-        return self.hparams.data_chunk_length if self.policy.recurrent else 1
+        """Steps per sequence in the update: ``data_chunk_length`` for a recurrent actor or critic, else 1."""
+        recurrent = self.hparams.actor_network == "rnn" or self.recurrent_critic
+        return self.hparams.data_chunk_length if recurrent else 1
 
     @property
     def num_iterations(self) -> int:
@@ -382,15 +404,16 @@ class FP3OModule(L.LightningModule):
         """The configured environment with the transforms the actor needs.
 
         A recurrent actor gets TorchRL's ``InitTracker`` (``is_init``) and a primer that puts a zero
-        hidden state in every reset. Environments that simulate on a device (VMAS) are built on the
-        module's device; the others simulate on the CPU. ``env_options`` add to the configured
-        environment's options (e.g. ``render_mode``).
+        hidden state in every reset; a recurrent critic gets the ``InitTracker``. Environments that
+        simulate on a device (VMAS) are built on the module's device; the others simulate on the CPU.
+        ``env_options`` add to the configured environment's options (e.g. ``render_mode``).
         """
         hp = self.hparams
         device = self.env_device
         env = make_env(**hp.env, **env_options, num_envs=num_envs, device=device)
         if not self.policy.recurrent:
-            return env  # untransformed, so that the collector takes the env's own step_and_maybe_reset
+            # Untransformed without recurrence: the collector then takes the env's step_and_maybe_reset.
+            return TransformedEnv(env, InitTracker()) if self.critic.recurrent else env
         hidden = Unbounded(shape=(self.n_agents, hp.hidden_size), device=device)
         return TransformedEnv(
             env, Compose(InitTracker(), TensorDictPrimer({HIDDEN: hidden}, expand_specs=True))
@@ -470,6 +493,7 @@ class FP3OModule(L.LightningModule):
             "carrier": carrier.cpu().to_dict(),
             "batch_size": list(carrier.batch_size),
             "running_return": self._runtime["running_return"].cpu(),
+            "critic_hidden": None if self.learner.critic_hidden is None else self.learner.critic_hidden.cpu(),
         }
 
     def load_collector_state(self, state: dict[str, Any]) -> None:
@@ -481,6 +505,8 @@ class FP3OModule(L.LightningModule):
         if running is not None:
             self._runtime["running_return"] = running.to(self.device, torch.float64)
         self._collector._carrier.update(carrier.to(self._collector._carrier.device))
+        if state.get("critic_hidden") is not None:
+            self.learner.critic_hidden = state["critic_hidden"].to(self.device)
 
     def tag_runs(self) -> None:
         """Tag MLflow runs with what reports group by: task, env, algorithm, sharing and seed."""
@@ -566,8 +592,7 @@ class FP3OModule(L.LightningModule):
         returns_so_far, self._runtime["running_return"] = episode_returns(
             rollout["next", "reward"], rollout["next", "done"], self._runtime["running_return"]
         )
-        self._runtime["skipped"] = torch.zeros(2, device=self.device)  # non-finite [losses, gradients]
-        self._runtime["steps"] = 0
+        self.learner.reset_counters()
         bad = self.nonfinite_keys(rollout)
         if bad:
             self.handle_nonfinite(
@@ -576,8 +601,8 @@ class FP3OModule(L.LightningModule):
             self.frames += rollout.numel() * self.trainer.world_size
             self.iteration += 1
             return
-        batch, value_explained = self.compute_advantages(rollout)
-        stats = self.scheme.update(self, batch)
+        batch, value_explained = self.learner.compute_advantages(rollout)
+        stats = self.scheme.update(self.learner, batch)
         stats["skipped_updates"] = self.check_skipped_updates()
         self._collector.update_policy_weights_()
         self.iteration += 1
@@ -603,11 +628,11 @@ class FP3OModule(L.LightningModule):
 
     def check_skipped_updates(self) -> Tensor:
         """Warn about (or stop on) minibatch updates skipped as non-finite in this iteration."""
-        losses, gradients = self._runtime["skipped"].tolist()
+        losses, gradients = self.learner.skipped.tolist()
         if gradients:
             where = "losses and gradients" if losses else "gradients"
             self.handle_nonfinite(
-                where, skipped=f"{int(gradients)} of {self._runtime['steps']} minibatch updates"
+                where, skipped=f"{int(gradients)} of {self.learner.steps} minibatch updates"
             )
         return torch.tensor(gradients)
 
@@ -618,239 +643,6 @@ class FP3OModule(L.LightningModule):
         warnings.warn(f"{message}; skipped {skipped} (model.nonfinite=skip)", RuntimeWarning, stacklevel=2)
         for logger in self.loggers:
             logger.log_metrics({"train/skipped_nonfinite": 1.0}, step=self.frames)
-
-    def values(self, tensordict: TensorDictBase) -> Tensor:
-        """Critic values in normalised units, ``[..., 1]`` (team) or ``[..., n_agents]`` (per agent)."""
-        if len(self.critic_keys) == 1:
-            return self.critic(tensordict[self.critic_keys[0]])
-        state, observation = tensordict["state"], tensordict[OBSERVATION]
-        state = state.unsqueeze(-2).expand(*observation.shape[:-1], state.shape[-1])
-        return self.critic(torch.cat([state, observation], -1))
-
-    @torch.no_grad()
-    def compute_advantages(self, rollout: TensorDictBase) -> tuple[TensorDictBase, Tensor]:
-        """GAE on the team reward with value-normaliser-aware values, per value the critic gives
-        (one for the team, or one per agent).
-
-        The time limit ends an episode like a termination with ``time_limit="terminal"`` and is
-        bootstrapped from the next value with ``"bootstrap"``; a termination never is. Returns the
-        flat batch the update schemes consume (see ``UpdateScheme``) and the explained variance of
-        the critic's values before the update.
-        """
-        value = self.values(rollout)
-        denormalized_value = self.value_normalizer.denormalize(value)
-        next_value = self.value_normalizer.denormalize(self.values(rollout["next"]))
-        width = value.shape[-1]  # one team value, or one value per agent
-        done = rollout["next", "done"]
-        terminated = done if self.hparams.time_limit == "terminal" else rollout["next", "terminated"]
-        advantage, target = vec_generalized_advantage_estimate(
-            self.hparams.gamma,
-            self.hparams.gae_lambda,
-            denormalized_value,
-            next_value,
-            rollout["next", "reward"].expand_as(value),
-            done=done.expand(*value.shape[:-1], width),
-            terminated=terminated.expand(*value.shape[:-1], width),
-        )
-        if self.hparams.value_norm_update == "iteration":
-            self.update_value_normalizer(target)
-        keys = [OBSERVATION, ACTION, "state"] + [ACTION_MASK] * self.masked + [ALIVE] * self.alive
-        keys += [HIDDEN, IS_INIT] if self.policy.recurrent else []
-        batch = rollout.select(*keys).to(self.device)
-        batch["advantage"] = normalize_advantage(advantage)
-        batch["value"] = value
-        batch["value_target"] = target
-        # [num_envs, rollout_length] -> flat, environment-major: consecutive runs of chunk_length
-        # samples are the sequences a recurrent actor replays.
-        batch = batch.reshape(-1)
-        # As the paper's code does, the old policy's log-probs are recomputed on the whole flat
-        # batch: the collector computed them step by step, in other batch shapes, which rounds
-        # differently (~1e-7). Every update then starts from a ratio of exactly 1.
-        params = self.distribution_params(batch)
-        batch.update(dict(zip(self.param_keys, params, strict=True)))
-        batch[LOG_PROB] = self.old_distribution(batch).log_prob(batch[ACTION])
-        return batch, explained_variance(denormalized_value, target)
-
-    def update_value_normalizer(self, target: Tensor) -> None:
-        """Fold value targets (denormalised) into the value normaliser, averaged over DDP processes."""
-        moments = self.value_normalizer.moments(target)
-        self.value_normalizer.update(self.all_reduce_sum(moments) / self.trainer.world_size)
-
-    def distribution_params(self, batch: TensorDictBase) -> tuple[Tensor, ...]:
-        """The current policy's distribution parameters on a flat update batch (or a minibatch of
-        whole sequences)."""
-        return self.policy.batch_params(
-            batch[OBSERVATION],
-            batch.get(ACTION_MASK),
-            batch.get(HIDDEN),
-            batch.get(IS_INIT),
-            self.chunk_length,
-        )
-
-    def distribution(self, batch: TensorDictBase) -> Distribution:
-        """The current policy on a flat batch: ``log_prob`` and ``entropy`` are ``[B, n_agents]``."""
-        return self.policy.make_distribution(self.distribution_params(batch), batch.get(ACTION_MASK))
-
-    def old_distribution(self, batch: TensorDictBase) -> Distribution:
-        """The rollout policy, from the parameters stored in the batch."""
-        return self.policy.make_distribution([batch[k] for k in self.param_keys], batch.get(ACTION_MASK))
-
-    @torch.no_grad()
-    def measure(self, batch: TensorDictBase) -> tuple[Tensor, Tensor]:
-        """The current policy's log-probs of the batch's actions and KL(rollout policy || current).
-
-        Both ``[B, n_agents]``, on the whole batch, without gradients (KL exact for Gaussians).
-        """
-        distribution = self.distribution(batch)
-        return distribution.log_prob(batch[ACTION]), kl_divergence(self.old_distribution(batch), distribution)
-
-    def minibatch_loss(
-        self,
-        minibatch: TensorDictBase,
-        factor: Tensor | None,
-        agent_weight: Tensor,
-        train_actor: bool,
-        train_critic: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """The loss of one minibatch step of :meth:`ppo_phase` and its parts.
-
-        Returns the loss to minimise (policy loss, minus the entropy bonus, plus the value loss) and
-        its policy loss, entropy and value loss (0 for a network not trained), and the current
-        log-probs ``[B, n_agents]`` (``None`` when the actors are not trained).
-        """
-        hp = self.hparams
-        zero = torch.zeros((), device=agent_weight.device)
-        policy_loss = entropy = value_loss = zero
-        log_prob = None
-        if train_actor:
-            distribution = self.distribution(minibatch)
-            log_prob = distribution.log_prob(minibatch[ACTION])
-            surrogate = clipped_surrogate(
-                log_prob, minibatch[LOG_PROB], minibatch["advantage"], hp.clip_epsilon, factor
-            )
-            alive = minibatch.get(ALIVE) if self.alive else None
-            shared = not self.policy.per_agent_parameters
-            policy_loss = -(active_mean(surrogate, alive, shared) * agent_weight).sum()
-            entropy = (active_mean(distribution.entropy(), alive, shared) * agent_weight).sum()
-        if train_critic:
-            value_loss = huber_value_loss(
-                self.values(minibatch),
-                minibatch["value"],
-                self.value_normalizer.normalize(minibatch["value_target"]),
-                hp.huber_delta,
-                hp.clip_epsilon if hp.value_clip else None,
-            )
-        loss = policy_loss - hp.entropy_coef * entropy + value_loss
-        return loss, policy_loss, entropy, value_loss, log_prob
-
-    def compiled_minibatch_loss(self) -> Any:
-        """:meth:`minibatch_loss` compiled by ``torch.compile`` (once per process, at first use).
-
-        On CUDA in the ``reduce-overhead`` mode: the forward and backward graphs are captured as CUDA
-        graphs and replayed, one launch each instead of dozens of kernels of the paper's small networks.
-        """
-        if "compiled_loss" not in self._runtime:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._runtime["compiled_loss"] = torch.compile(self.minibatch_loss, dynamic=False, mode=mode)
-        return self._runtime["compiled_loss"]
-
-    def ppo_phase(
-        self,
-        batch: TensorDictBase,
-        factor: Tensor | None = None,
-        agents: Tensor | None = None,
-        train_actor: bool = True,
-        train_critic: bool = True,
-    ) -> dict[str, Tensor]:
-        """``ppo_epochs x num_minibatches`` steps of PPO-clip on the agents, and of the critic.
-
-        Args:
-            batch: the flat update batch (see ``UpdateScheme``).
-            factor: ``[B, n_agents]``, detached, weights each agent's clipped surrogate; ``None`` is 1.
-            agents: bool ``[n_agents]``, the agents whose surrogate is optimised (``None``: all).
-                With stacked per-agent parameters the others do not move, Adam moments included.
-            train_actor, train_critic: which networks this phase trains.
-
-        Returns the per-agent clip fractions, mean policy loss and entropy (when training the
-        actors) and the mean value loss (when training the critic), without host syncs.
-        """
-        hp = self.hparams
-        actor_optimizer, critic_optimizer = self.optimizers()
-        chunk = self.chunk_length
-        sequences = batch.numel() // chunk
-        steps = torch.arange(chunk, device=self.device)
-        # Mean over agents for shared networks (as the paper's code concatenates agents), sum of
-        # per-agent means for NoPS (each agent's gradient equals that of its own PPO loss).
-        mask = torch.ones(self.n_agents, device=self.device) if agents is None else agents.float()
-        agent_weight = mask if self.policy.per_agent_parameters else mask / mask.sum()
-        freezer = None
-        if train_actor and agents is not None and not bool(agents.all()):
-            freezer = AgentFreezer(self.policy.stacked_parameters(), actor_optimizer.optimizer, ~agents)
-        trained = [
-            opt for opt, on in ((actor_optimizer, train_actor), (critic_optimizer, train_critic)) if on
-        ]
-        skipped = self._runtime.setdefault("skipped", torch.zeros(2, device=self.device))
-        zero = torch.zeros((), device=self.device)
-        minibatch_loss = self.compiled_minibatch_loss() if hp.compile_update else self.minibatch_loss
-        totals = torch.zeros(3, device=self.device)
-        clipped = torch.zeros(self.n_agents, device=self.device)
-        size = batch.numel() // hp.num_minibatches
-        for _ in range(hp.ppo_epochs):
-            order = torch.randperm(sequences, generator=self.generator).to(self.device)
-            # Shuffled whole sequences, gathered once per epoch; minibatches are slices of them.
-            index = (order.unsqueeze(-1) * chunk + steps).reshape(-1)
-            minibatches = batch[index].split(size)  # one TensorDict call per epoch, not one per minibatch
-            factors = [None] * len(minibatches) if factor is None else factor[index].split(size)
-            for minibatch, minibatch_factor in zip(minibatches, factors, strict=True):
-                if train_critic and hp.value_norm_update == "minibatch":
-                    self.update_value_normalizer(minibatch["value_target"])
-                if hp.compile_update and self.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-                loss, policy_loss, entropy, value_loss, log_prob = minibatch_loss(
-                    minibatch,
-                    minibatch_factor,
-                    agent_weight,
-                    train_actor,
-                    train_critic,
-                )
-                actor_optimizer.zero_grad()
-                critic_optimizer.zero_grad()
-                # Actor and critic graphs are disjoint: one backward serves both optimisers.
-                self.manual_backward(loss)
-                norms = [zero]
-                if train_actor:
-                    if self.policy.per_agent_parameters:
-                        norms.append(clip_grad_norm_per_agent(self.policy.parameters(), hp.max_grad_norm))
-                    else:
-                        norms.append(
-                            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
-                        )
-                if train_critic:
-                    norms.append(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), hp.max_grad_norm))
-                # Gradient norms are all-reduced under DDP, so every process takes the same decision.
-                finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
-                skipped += torch.stack([~torch.isfinite(loss.detach()), ~finite]).float()
-                for optimizer in trained:  # a non-finite step leaves everything as it was
-                    skip_step_unless(optimizer.optimizer, finite)
-                if train_actor:
-                    actor_optimizer.step()
-                    if freezer is not None:
-                        freezer.restore()
-                    with torch.no_grad():
-                        ratio = torch.exp(log_prob - minibatch[LOG_PROB])
-                        clipped += ((ratio - 1.0).abs() > hp.clip_epsilon).float().mean(0)
-                if train_critic:
-                    critic_optimizer.step()
-                totals += torch.stack([policy_loss, value_loss, entropy]).detach().nan_to_num()
-        self._runtime["steps"] = self._runtime.get("steps", 0) + hp.ppo_epochs * hp.num_minibatches
-        policy_loss, value_loss, entropy = totals / (hp.ppo_epochs * hp.num_minibatches)
-        stats: dict[str, Tensor] = {}
-        if train_actor:
-            stats |= {"clip_fraction": clipped / (hp.ppo_epochs * hp.num_minibatches)}
-            stats |= {"policy_loss": policy_loss, "entropy": entropy}
-        if train_critic:
-            stats["value_loss"] = value_loss
-        return stats
 
     def validation_step(self, batch: int, batch_idx: int) -> None:
         if not self.trainer.sanity_checking:
@@ -1042,20 +834,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def active_mean(value: Tensor, alive: Tensor | None, shared: bool) -> Tensor:
-    """The per-agent means ``[n_agents]`` of ``value [B, n_agents]`` over the samples where the agent is
-    alive (all samples when ``alive`` is None), as the paper code's ``use_policy_active_masks``: per agent
-    for per-agent networks; for ``shared`` networks over all agents' live samples together (scaled by
-    ``n_agents``, so that their mean over agents is the mean over every live sample)."""
-    if alive is None:
-        return value.mean(0)
-    alive = alive.to(value.dtype)
-    total = (value * alive).sum(0)
-    if shared:
-        return total * value.shape[-1] / alive.sum().clamp(min=1.0)
-    return total / alive.sum(0).clamp(min=1.0)
 
 
 def finished_episodes(rollout: TensorDictBase) -> Tensor:

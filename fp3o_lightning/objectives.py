@@ -105,3 +105,17 @@ def normalize_advantage(advantage: Tensor, eps: float = 1e-5) -> Tensor:
 def explained_variance(prediction: Tensor, target: Tensor) -> Tensor:
     """``1 - Var[target - prediction] / Var[target]`` (NaN when the target is constant)."""
     return 1.0 - (target - prediction).var() / target.var()
+
+
+def active_mean(value: Tensor, alive: Tensor | None, shared: bool) -> Tensor:
+    """The per-agent means ``[n_agents]`` of ``value [B, n_agents]`` over the samples where the agent is
+    alive (all samples when ``alive`` is None), as the paper code's ``use_policy_active_masks``: per agent
+    for per-agent networks; for ``shared`` networks over all agents' live samples together (scaled by
+    ``n_agents``, so that their mean over agents is the mean over every live sample)."""
+    if alive is None:
+        return value.mean(0)
+    alive = alive.to(value.dtype)
+    total = (value * alive).sum(0)
+    if shared:
+        return total * value.shape[-1] / alive.sum().clamp(min=1.0)
+    return total / alive.sum(0).clamp(min=1.0)

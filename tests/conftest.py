@@ -7,7 +7,9 @@ import pytest
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from fp3o_lightning.module import LOG_PROB, FP3OModule
+from fp3o_lightning.envs import ENV_REGISTRY, EnvEntry
+from fp3o_lightning.keys import LOG_PROB
+from fp3o_lightning.module import FP3OModule
 
 SMALL = {
     "env": {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 100},
@@ -51,6 +53,16 @@ def fitted_module() -> FP3OModule:
     return module
 
 
+@pytest.fixture
+def masked_game(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registers the test-only masked discrete game (``tests/masked_game.py``, pure torch) for one test:
+    env ``masked_game`` simulates on the CPU, ``masked_game_on_device`` on the training device."""
+    monkeypatch.setitem(ENV_REGISTRY, "masked_game", EnvEntry("tests.masked_game:MaskedGameEnv"))
+    monkeypatch.setitem(
+        ENV_REGISTRY, "masked_game_on_device", EnvEntry("tests.masked_game:MaskedGameOnDeviceEnv")
+    )
+
+
 def sampled_rollout(module: FP3OModule, steps: int = 64, seed: int = 123, exploration=ExplorationType.RANDOM):
     """A fresh ``[num_envs, steps]`` rollout of the current policy (sampled actions, as in training)."""
     env = module.make_env(seed=seed)
@@ -62,14 +74,14 @@ def sampled_rollout(module: FP3OModule, steps: int = 64, seed: int = 123, explor
 
 def rollout_batch(module: FP3OModule, steps: int = 64):
     """A fresh sampled rollout of the current policy as the flat update batch."""
-    return module.compute_advantages(sampled_rollout(module, steps))[0]
+    return module.learner.compute_advantages(sampled_rollout(module, steps))[0]
 
 
 def assert_update_replays_the_rollout(module: FP3OModule, rollout) -> None:
     """The log-probs the update recomputes equal the collector's, and every agent's update starts at
     ratio exactly 1 (for a recurrent actor: the hidden states were carried and replayed right)."""
     collected = rollout[LOG_PROB].reshape(-1, module.n_agents).clone()
-    batch = module.compute_advantages(rollout)[0]
+    batch = module.learner.compute_advantages(rollout)[0]
     torch.testing.assert_close(batch[LOG_PROB], collected, rtol=0, atol=1e-4)
-    stats = module.scheme.update(module, batch)
+    stats = module.scheme.update(module.learner, batch)
     assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))

@@ -1,6 +1,8 @@
 """Every device combination trains, evaluates and resumes: the environment simulates where it simulates
 (the CPU for MaMuJoCo and SMAX, the training device for VMAS); everything after the rollout runs on
-the Trainer's device. The CUDA cases run where CUDA is, and are skipped elsewhere."""
+the Trainer's device. The CUDA cases run where CUDA is, and are skipped elsewhere. Masked discrete
+actions are covered without JAX by the test-only game of ``tests/masked_game.py`` (simulated on the CPU,
+or on the training device), which raises on any unavailable action."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from fp3o_lightning.cli import main
+from fp3o_lightning.envs import env_class
 
 from .conftest import fit_quietly, small_module
 
@@ -19,6 +22,11 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 HOPPER = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 40}
 SMAX = {"name": "smax", "map_name": "3m", "max_episode_steps": 40}
 VMAS = {"name": "vmas", "scenario": "balance", "n_agents": 3, "max_episode_steps": 40}
+MASKED = {"name": "masked_game", "max_episode_steps": 20}
+MASKED_ON_DEVICE = {"name": "masked_game_on_device", "max_episode_steps": 20}
+RNN = {"actor_network": "rnn", "data_chunk_length": 8}
+
+pytestmark = pytest.mark.usefixtures("masked_game")  # registers the MASKED envs
 
 
 def _needs(module: str) -> pytest.MarkDecorator:
@@ -39,14 +47,20 @@ CASES = {
         [_needs("jaxmarl")],
     ),
     "vmas-fups-mlp-mappo": ({"env": VMAS, "sharing": "fups", "algorithm": "mappo"}, [_needs("vmas")]),
+    "masked-fups-mlp-fp3o": ({"env": MASKED, "sharing": "fups"}, []),
+    "masked-paps-rnn-happo": ({"env": MASKED, "sharing": "paps", "algorithm": "happo", **RNN}, []),
+    "masked-nops-mlp-ippo": ({"env": MASKED, "sharing": "nops", "algorithm": "ippo"}, []),
+    "masked_on_device-nops-rnn-fp3o": ({"env": MASKED_ON_DEVICE, "sharing": "nops", **RNN}, []),
 }
+#: The cases that run on the CPU by default: the first, and the masked game's (a few seconds each).
+CPU_BY_DEFAULT = {"mamujoco-fups-mlp-fp3o"} | {name for name in CASES if name.startswith("masked")}
 
 
 def _params():
-    """The whole matrix on CUDA; on the CPU one case by default (the CPU paths have tests of their
-    own), the others marked slow."""
-    for index, (name, (options, marks)) in enumerate(CASES.items()):
-        cpu_marks = marks if index == 0 else [*marks, pytest.mark.slow]
+    """The whole matrix on CUDA; on the CPU ``CPU_BY_DEFAULT`` (the CPU paths have tests of their own),
+    the others marked slow."""
+    for name, (options, marks) in CASES.items():
+        cpu_marks = marks if name in CPU_BY_DEFAULT else [*marks, pytest.mark.slow]
         yield pytest.param(options, "cpu", marks=cpu_marks, id=f"{name}-cpu")
         yield pytest.param(options, "cuda", marks=[*marks, CUDA], id=f"{name}-cuda")
 
@@ -82,7 +96,7 @@ def test_fits_validates_and_tests_on_the_device(options: dict, accelerator: str)
     )
     probe = DeviceProbe()
     trainer = fit_quietly(module, accelerator=accelerator, limit_val_batches=1.0, callbacks=[probe])
-    simulated_on_device = options["env"]["name"] == "vmas"
+    simulated_on_device = getattr(env_class(options["env"]["name"]), "simulates_on_device", False)
     env_device = accelerator if simulated_on_device else "cpu"
     assert (
         probe.seen
@@ -96,15 +110,25 @@ def test_fits_validates_and_tests_on_the_device(options: dict, accelerator: str)
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-@pytest.mark.parametrize(
-    ("first", "second"),
-    [pytest.param("cuda", "cpu", marks=CUDA), pytest.param("cpu", "cuda", marks=CUDA)],
-)
-def test_a_checkpoint_resumes_on_the_other_device(tmp_path, monkeypatch, first: str, second: str) -> None:
+def _resumes():
+    """MaMuJoCo, and the masked game simulated on the training device with a GRU actor (its state,
+    masks and hidden states cross devices); a CPU-to-CPU control of the latter runs everywhere."""
+    masked = (MASKED_ON_DEVICE, {"sharing": "paps", **RNN})
+    for name, (env, options) in {"mamujoco": (HOPPER, {}), "masked_on_device-paps-rnn": masked}.items():
+        for first, second in (("cuda", "cpu"), ("cpu", "cuda")):
+            yield pytest.param(env, options, first, second, marks=CUDA, id=f"{name}-{first}-{second}")
+    yield pytest.param(*masked, "cpu", "cpu", id="masked_on_device-paps-rnn-cpu-cpu")
+
+
+@pytest.mark.parametrize(("env", "options", "first", "second"), list(_resumes()))
+def test_a_checkpoint_resumes_on_the_other_device(
+    tmp_path, monkeypatch, env: dict, options: dict, first: str, second: str
+) -> None:
     """A run checkpointed on one device continues on the other (GPU to a CPU-only machine, and back)."""
     monkeypatch.chdir(tmp_path)
     args = [
-        f"--model.env={json.dumps(HOPPER)}",
+        f"--model.env={json.dumps(env)}",
+        *(f"--model.{key}={value}" for key, value in options.items()),
         "--model.num_envs=2",
         "--model.rollout_length=40",
         "--model.total_frames=160",

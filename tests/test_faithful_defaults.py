@@ -34,8 +34,8 @@ def test_time_limit_bootstraps_only_when_asked(time_limit: str) -> None:
     truncated = rollout["next", "truncated"].squeeze(-1)
     assert truncated.sum() >= 4 and not rollout["next", "terminated"].any()
     with torch.no_grad():  # before GAE, which updates the normaliser ("iteration")
-        next_value = module.value_normalizer.denormalize(module.values(rollout["next"]))[truncated]
-    batch, _ = module.compute_advantages(rollout)
+        next_value = module.value_normalizer.denormalize(module.learner.values(rollout["next"]))[truncated]
+    batch, _ = module.learner.compute_advantages(rollout)
     target = batch["value_target"].reshape(*truncated.shape, -1)[truncated]
     reward = rollout["next", "reward"][truncated]
     expected = reward if time_limit == "terminal" else reward + module.hparams.gamma * next_value
@@ -48,7 +48,7 @@ def test_value_normalizer_follows_the_official_update_order() -> None:
     minibatch's targets right before its value loss, over the shuffled minibatches of every epoch."""
     module = small_module(algorithm="mappo", sharing="nops")
     fit_quietly(module)
-    batch, _ = module.compute_advantages(sampled_rollout(module))
+    batch, _ = module.learner.compute_advantages(sampled_rollout(module))
     generator = torch.Generator().set_state(module.generator.get_state())
     expected = type(module.value_normalizer)(module.n_agents)
     expected.load_state_dict(module.value_normalizer.state_dict())
@@ -58,7 +58,7 @@ def test_value_normalizer_follows_the_official_update_order() -> None:
         for start in range(0, batch.numel(), size):
             targets = batch["value_target"][order[start : start + size]]
             expected.update(expected.moments(targets))
-    module.scheme.update(module, batch)
+    module.scheme.update(module.learner, batch)
     for name, value in expected.state_dict().items():
         torch.testing.assert_close(module.value_normalizer.state_dict()[name], value, rtol=0, atol=0)
     assert expected.running_mean.shape == (module.n_agents,)  # NoPS: one normaliser per agent
@@ -68,9 +68,9 @@ def test_value_normalizer_once_per_iteration_option() -> None:
     module = small_module(algorithm="fp3o", sharing="fups", value_norm_update="iteration")
     fit_quietly(module)
     before = module.value_normalizer.debiasing_term.clone()
-    batch, _ = module.compute_advantages(sampled_rollout(module))
+    batch, _ = module.learner.compute_advantages(sampled_rollout(module))
     after_gae = module.value_normalizer.debiasing_term.clone()
-    module.scheme.update(module, batch)
+    module.scheme.update(module.learner, batch)
     beta = module.value_normalizer.beta
     torch.testing.assert_close(after_gae, before * beta + (1 - beta))  # one update, with GAE
     assert torch.equal(module.value_normalizer.debiasing_term, after_gae)  # none in the phases
@@ -85,7 +85,7 @@ def test_agent_critic_and_agent_id_by_default(sharing: str) -> None:
     assert first.weight.shape[-1] == observation_size + module.n_agents
     per_agent = sharing == "nops"
     assert module.value_normalizer.running_mean.shape == ((module.n_agents,) if per_agent else (1,))
-    batch, _ = module.compute_advantages(sampled_rollout(module, steps=16))
+    batch, _ = module.learner.compute_advantages(sampled_rollout(module, steps=16))
     assert batch["advantage"].shape == (batch.numel(), module.n_agents)
 
 
@@ -94,7 +94,7 @@ def test_team_critic_and_no_agent_id_options() -> None:
     assert isinstance(module.critic, CentralCritic)
     assert module.policy.trunk[1].weight.shape[-1] == 9
     assert module.value_normalizer.running_mean.shape == (1,)
-    batch, _ = module.compute_advantages(sampled_rollout(module, steps=16))
+    batch, _ = module.learner.compute_advantages(sampled_rollout(module, steps=16))
     assert batch["advantage"].shape == (batch.numel(), 1)
 
 
@@ -131,7 +131,7 @@ def test_smac_style_critic_reads_the_agent_specific_state() -> None:
     assert smax.alive  # SMAX says which agents are alive
     assert small_module().critic_keys == ("state",)
     assert small_module(env=SMAX_3M, critic_input="state").critic_keys == ("state",)
-    batch, _ = smax.compute_advantages(sampled_rollout(smax, steps=16))
+    batch, _ = smax.learner.compute_advantages(sampled_rollout(smax, steps=16))
     assert batch["advantage"].shape == (batch.numel(), smax.n_agents)
     assert ("agents", "alive") in batch.keys(True)
 
@@ -143,17 +143,17 @@ def test_dead_agents_leave_the_policy_loss(active_masks: bool) -> None:
     module = small_module(
         env=SMAX_3M, sharing="nops", rollout_length=16, num_minibatches=2, active_masks=active_masks
     )
-    batch, _ = module.compute_advantages(sampled_rollout(module, steps=16))
+    batch, _ = module.learner.compute_advantages(sampled_rollout(module, steps=16))
     alive = torch.ones(batch.numel(), module.n_agents, dtype=torch.bool)
     alive[::3, 1] = False
     batch["agents", "alive"] = alive
     weight = torch.ones(module.n_agents)
-    loss = module.minibatch_loss(batch, None, weight, True, False)
+    loss = module.learner.minibatch_loss(batch, None, weight, True, False)
     changed = batch.clone()
     changed["advantage"][~alive] += 100.0
     n_actions = module.policy.head[0].weight.shape[1]
     changed["agents", "action"][~alive] = (changed["agents", "action"][~alive] + 1) % n_actions
-    other = module.minibatch_loss(changed, None, weight, True, False)
+    other = module.learner.minibatch_loss(changed, None, weight, True, False)
     same = torch.equal(loss[1], other[1]) and torch.equal(loss[2], other[2])
     assert same == active_masks
 

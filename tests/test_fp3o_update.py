@@ -19,11 +19,11 @@ def critic_snapshot(module) -> torch.Tensor:
 
 
 class PhaseRecorder:
-    """Wraps ``module.ppo_phase`` to record each phase's factor and the parameters around it."""
+    """Wraps ``module.learner.ppo_phase`` to record each phase's factor and the parameters around it."""
 
     def __init__(self, module):
-        self.module, self.original, self.calls = module, module.ppo_phase, []
-        module.ppo_phase = self
+        self.module, self.original, self.calls = module, module.learner.ppo_phase, []
+        module.learner.ppo_phase = self
 
     def __call__(self, batch, factor=None):
         before = (snapshot(self.module), critic_snapshot(self.module))
@@ -35,7 +35,7 @@ class PhaseRecorder:
 
 def test_independence_phase_starts_at_ratio_one(fitted_module):
     batch = rollout_batch(fitted_module)
-    stats = fitted_module.scheme.update(fitted_module, batch)
+    stats = fitted_module.scheme.update(fitted_module.learner, batch)
     assert stats["start_ratio"].shape == (batch.numel(), fitted_module.n_agents)
     assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
 
@@ -46,7 +46,7 @@ def test_dependence_phase_runs_only_where_the_gate_allows(fitted_module, monkeyp
     batch = rollout_batch(module)
     monkeypatch.setattr(fp3o_scheme, "dependence_gate", lambda *args, **kwargs: gate)
     recorder = PhaseRecorder(module)
-    stats = module.scheme.update(module, batch)
+    stats = module.scheme.update(module.learner, batch)
     assert stats["gate"].item() == float(gate)
     independence = recorder.calls[0]
     assert independence["factor"] is None
@@ -100,7 +100,7 @@ def test_gate_decides_the_dependence_phase_on_a_real_batch(fitted_module, gate):
     module = fitted_module
     batch = gated_batch(module, gate)
     recorder = PhaseRecorder(module)
-    stats = module.scheme.update(module, batch)
+    stats = module.scheme.update(module.learner, batch)
     old = batch["agents", "action_log_prob"]
     log_ratio = middle_log_prob(module, recorder, batch) - old
     ratio = torch.exp(log_ratio)
@@ -124,7 +124,7 @@ def test_dependence_factor_is_product_of_the_other_middle_ratios(fitted_module):
     module = fitted_module
     batch = gated_batch(module, "open")
     recorder = PhaseRecorder(module)
-    module.scheme.update(module, batch)
+    module.scheme.update(module.learner, batch)
     assert len(recorder.calls) == 2
     ratio = torch.exp(middle_log_prob(module, recorder, batch) - batch["agents", "action_log_prob"])
     factor = recorder.calls[1]["factor"]
@@ -134,6 +134,6 @@ def test_dependence_factor_is_product_of_the_other_middle_ratios(fitted_module):
 
 
 def test_selection_is_logged(fitted_module):
-    stats = fitted_module.scheme.update(fitted_module, rollout_batch(fitted_module))
+    stats = fitted_module.scheme.update(fitted_module.learner, rollout_batch(fitted_module))
     assert sorted(stats["separated_agent"].tolist()) == [0.0, 1.0, 2.0]
     assert torch.equal(stats["selected_agent"], stats["separated_agent"].roll(-1))

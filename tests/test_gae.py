@@ -178,7 +178,7 @@ def test_advantages_and_value_targets_match_a_step_by_step_reference(sizes, opti
     flat_returns = [row for env in returns for row in env]  # environment-major, as the batch
     flat_advantages = normalized_columns([row for env in advantages for row in env])
 
-    batch, _ = module.compute_advantages(rollout)
+    batch, _ = module.learner.compute_advantages(rollout)
     assert batch.batch_size == (N_ENVS * STEPS,)
     torch.testing.assert_close(batch["value_target"], torch.tensor(flat_returns), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch["advantage"], torch.tensor(flat_advantages), rtol=1e-4, atol=1e-4)

@@ -35,14 +35,14 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
 
 def corrupt_advantages(module, index: int = 5):
     """Make one sample's advantage NaN: every minibatch holding it gets non-finite losses and gradients."""
-    original = module.compute_advantages
+    original = module.learner.compute_advantages
 
     def corrupted(rollout):
         batch, explained = original(rollout)
         batch["advantage"][index] = float("nan")
         return batch, explained
 
-    module.compute_advantages = corrupted
+    module.learner.compute_advantages = corrupted
 
 
 def test_nonfinite_loss_skips_those_updates_and_warns():

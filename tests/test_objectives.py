@@ -127,7 +127,7 @@ def test_normalize_advantage_per_agent():
 
 
 def test_gate_and_active_mean_leave_dead_agents_out():
-    from fp3o_lightning.module import active_mean
+    from fp3o_lightning.objectives import active_mean
 
     gen = torch.Generator().manual_seed(0)
     old = torch.randn(50, 3, generator=gen)

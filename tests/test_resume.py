@@ -54,14 +54,20 @@ def run_metrics(directory: Path) -> tuple[int, dict[str, dict[int, float]]]:
     return len(runs), histories
 
 
-def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--model.actor_network=rnn", "--model.data_chunk_length=10", "--model.hidden_size=16"]],
+    ids=["mlp", "rnn"],  # rnn: the actor's and the critic's hidden states are carried over
+)
+def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch, options):
+    args = [*ARGS, *options]
     (reference := tmp_path / "reference").mkdir()
     (crashed := tmp_path / "crashed").mkdir()
     monkeypatch.chdir(reference)
-    main(ARGS)
+    main(args)
     monkeypatch.chdir(crashed)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main([*ARGS, "--trainer.callbacks+=tests.test_resume.CrashAt", "--trainer.callbacks.iteration=3"])
+        main([*args, "--trainer.callbacks+=tests.test_resume.CrashAt", "--trainer.callbacks.iteration=3"])
     (run_dir,) = (crashed / "checkpoints").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "best-iteration=2.ckpt",
@@ -69,7 +75,7 @@ def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch):
         "iteration=2.ckpt",
         "last.ckpt",
     ]
-    main([*ARGS, "--ckpt_path=last"])
+    main([*args, "--ckpt_path=last"])
     runs, resumed = run_metrics(crashed)
     assert runs == 1  # the resumed fit continued the same MLflow run
     _, expected = run_metrics(reference)

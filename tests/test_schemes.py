@@ -57,7 +57,7 @@ def test_happo_actor_phases_leave_the_critic_and_its_critic_phase_the_actors(sha
     """HAPPO's per-agent phases train no critic; its last phase (``train_actor=False``) trains the
     critic alone, which moves."""
     module = fitted("happo", sharing)
-    original = module.ppo_phase
+    original = module.learner.ppo_phase
     phases = []
 
     def checking_phase(batch, **kwargs):
@@ -68,21 +68,21 @@ def test_happo_actor_phases_leave_the_critic_and_its_critic_phase_the_actors(sha
         phases.append((kwargs.get("agents") is not None, actors_moved, critic_moved))
         return stats
 
-    monkeypatch.setattr(module, "ppo_phase", checking_phase)
-    module.scheme.update(module, rollout_batch(module))
+    monkeypatch.setattr(module.learner, "ppo_phase", checking_phase)
+    module.scheme.update(module.learner, rollout_batch(module))
     assert phases == [(True, True, False)] * module.n_agents + [(False, False, True)]
 
 
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
 def test_fp3o_every_agent_starts_at_ratio_exactly_one(sharing):
     module = fitted("fp3o", sharing)
-    stats = module.scheme.update(module, rollout_batch(module))
+    stats = module.scheme.update(module.learner, rollout_batch(module))
     assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
 
 
 def test_happo_fups_later_agents_start_away_from_one():
     module = fitted("happo", "fups")
-    stats = module.scheme.update(module, rollout_batch(module))
+    stats = module.scheme.update(module.learner, rollout_batch(module))
     order = stats["update_order"].long().tolist()
     deviation = (stats["start_ratio"] - 1).abs().mean(0)
     assert deviation[order[0]] == 0  # the first agent starts at the rollout policy
@@ -92,7 +92,7 @@ def test_happo_fups_later_agents_start_away_from_one():
 
 def test_happo_nops_later_agents_start_at_one():
     module = fitted("happo", "nops")
-    stats = module.scheme.update(module, rollout_batch(module))
+    stats = module.scheme.update(module.learner, rollout_batch(module))
     assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
 
 
@@ -100,16 +100,16 @@ def test_happo_factor_is_the_product_of_the_updated_agents_ratios(monkeypatch):
     module = fitted("happo", "nops")
     batch = rollout_batch(module)
     calls = []
-    original = module.ppo_phase
+    original = module.learner.ppo_phase
 
     def recording_phase(batch, factor=None, agents=None, **kwargs):
         stats = original(batch, factor=factor, agents=agents, **kwargs)
-        log_prob, _ = module.measure(batch)
+        log_prob, _ = module.learner.measure(batch)
         calls.append((factor, agents, log_prob))
         return stats
 
-    monkeypatch.setattr(module, "ppo_phase", recording_phase)
-    stats = module.scheme.update(module, batch)
+    monkeypatch.setattr(module.learner, "ppo_phase", recording_phase)
+    stats = module.scheme.update(module.learner, batch)
     order = stats["update_order"].long().tolist()
     old = batch["agents", "action_log_prob"]
     agent_calls = calls[:-1]
@@ -126,7 +126,7 @@ def test_happo_agents_not_being_updated_do_not_move(sharing, monkeypatch):
     module = fitted("happo", sharing)  # one iteration done: Adam has momentum for every agent
     batch = rollout_batch(module)
     stacked = module.policy.stacked_parameters()
-    original = module.ppo_phase
+    original = module.learner.ppo_phase
     checked = []
 
     def checking_phase(batch, factor=None, agents=None, **kwargs):
@@ -139,8 +139,8 @@ def test_happo_agents_not_being_updated_do_not_move(sharing, monkeypatch):
             checked.append(int(agents.nonzero()))
         return stats
 
-    monkeypatch.setattr(module, "ppo_phase", checking_phase)
-    module.scheme.update(module, batch)
+    monkeypatch.setattr(module.learner, "ppo_phase", checking_phase)
+    module.scheme.update(module.learner, batch)
     assert sorted(checked) == [0, 1, 2]
 
 
@@ -163,9 +163,9 @@ def test_agent_freezer_undoes_adam_momentum():
 def test_mappo_is_one_phase_on_all_agents(monkeypatch):
     module = fitted("mappo", "paps")
     calls = []
-    original = module.ppo_phase
-    monkeypatch.setattr(module, "ppo_phase", lambda *a, **k: calls.append(k) or original(*a, **k))
-    stats = module.scheme.update(module, rollout_batch(module))
+    original = module.learner.ppo_phase
+    monkeypatch.setattr(module.learner, "ppo_phase", lambda *a, **k: calls.append(k) or original(*a, **k))
+    stats = module.scheme.update(module.learner, rollout_batch(module))
     assert calls == [{}]  # factor 1, every agent, actor and critic together
     assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
 
@@ -176,7 +176,7 @@ def test_ippo_critic_is_decentralised():
     assert module.critic_keys == (("agents", "observation"),)
     assert batch["advantage"].shape == (batch.numel(), module.n_agents)
     observation = batch["agents", "observation"][:4].clone()
-    values = module.values(batch[:4])
+    values = module.learner.values(batch[:4])
     observation[:, 1] += torch.randn_like(observation[:, 1])
     batch[:4].set(("agents", "observation"), observation)
     changed = module.critic(observation)

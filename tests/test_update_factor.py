@@ -75,7 +75,7 @@ def test_every_minibatch_step_follows_its_own_samples_factors(trained, num_minib
     minibatches = expected_minibatches(module, batch.numel(), module.generator.get_state())
     records, handle = record_actor_steps(module)
     try:
-        module.ppo_phase(batch, factor=factor)
+        module.learner.ppo_phase(batch, factor=factor)
     finally:
         handle.remove()
     assert len(records) == len(minibatches) == 2 * num_minibatches
@@ -110,10 +110,10 @@ def test_a_factor_of_ones_is_the_independence_phase_bit_for_bit(trained) -> None
     module, batch = trained
     module.hparams.num_minibatches = 4
     start = training_state(module)
-    module.ppo_phase(batch)
+    module.learner.ppo_phase(batch)
     independence = training_state(module)
     load_training_state(module, start)
-    module.ppo_phase(batch, factor=torch.ones(batch.numel(), module.n_agents))
+    module.learner.ppo_phase(batch, factor=torch.ones(batch.numel(), module.n_agents))
     ones = training_state(module)
     assert not torch.equal(
         start["module"]["policy.head.0.weight"], independence["module"]["policy.head.0.weight"]

@@ -1,6 +1,6 @@
 """Policy and critic networks."""
 
-from fp3o_lightning.nets.critic import AgentCritic, CentralCritic, ValueNormalizer
+from fp3o_lightning.nets.critic import AgentCritic, CentralCritic, Critic, ValueNormalizer
 from fp3o_lightning.nets.mlp import StackedGRU, StackedLayerNorm, StackedLinear, paper_mlp
 from fp3o_lightning.nets.policy import ACTOR_NETWORKS, SHARING, MultiAgentPolicy
 
@@ -9,6 +9,7 @@ __all__ = [
     "AgentCritic",
     "SHARING",
     "CentralCritic",
+    "Critic",
     "MultiAgentPolicy",
     "StackedGRU",
     "StackedLayerNorm",

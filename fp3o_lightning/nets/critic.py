@@ -1,4 +1,4 @@
-"""Critics (a team ``V(s)`` or one value per agent) and the running value normaliser."""
+"""Critics (a team ``V(s)`` or one value per agent, MLP or recurrent) and the running value normaliser."""
 
 from __future__ import annotations
 
@@ -7,22 +7,62 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fp3o_lightning.nets.mlp import paper_mlp
+from fp3o_lightning.nets.mlp import StackedGRU, gru_sequence, paper_mlp
 
 
-class CentralCritic(nn.Module):
-    """``V(s)`` on the global state ``[..., state_size]``; outputs ``[..., 1]`` in normalised value units."""
+class Critic(nn.Module):
+    """Values ``[..., rows]`` in normalised value units: an MLP, or with ``recurrent`` the paper code's
+    recurrent critic (the MLP trunk, a GRU with its hidden state ``[..., rows, hidden_size]``, a linear
+    head), which comes with a recurrent actor.
 
-    def __init__(self, state_size: int, hidden_size: int = 64, depth: int = 2) -> None:
+    Subclasses say how their inputs become ``rows`` per-row feature vectors (``rows``).
+    """
+
+    def __init__(self, in_features: int, stacks: int, hidden_size: int, depth: int, recurrent: bool) -> None:
         super().__init__()
-        self.net = paper_mlp(state_size, 1, depth=depth, num_cells=hidden_size, out_gain=1.0)
+        self.recurrent, self.hidden_size = recurrent, hidden_size
+        if not recurrent:
+            self.net = paper_mlp(in_features, 1, depth, hidden_size, out_gain=1.0, stacks=stacks)
+            return
+        self.trunk = paper_mlp(in_features, None, depth, hidden_size, stacks=stacks)
+        self.rnn = StackedGRU(stacks, hidden_size if depth else in_features, hidden_size)
+        self.head = paper_mlp(hidden_size, 1, 0, input_norm=False, out_gain=1.0, stacks=stacks)
 
-    def forward(self, state: Tensor) -> Tensor:
-        return self.net(state)
+    def rows(self, inputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs: Tensor, hidden: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The values of one step; a recurrent critic takes the hidden state before the step (no reset)
+        and returns the values and the hidden state after it."""
+        if not self.recurrent:
+            return self.net(self.rows(inputs)).squeeze(-1)
+        output, hidden = self.rnn(self.trunk(self.rows(inputs)), hidden)
+        return self.head(output).squeeze(-1), hidden
+
+    def sequence(self, inputs: Tensor, hidden: Tensor, is_init: Tensor) -> tuple[Tensor, Tensor]:
+        """A recurrent critic over sequences ``inputs [n, L, ...]`` from ``hidden [n, rows, hidden]``,
+        reset where ``is_init [n, L, 1]``: the values ``[n, L, rows]`` and the hidden state after every
+        step ``[n, L, rows, hidden]``."""
+        features = self.trunk(self.rows(inputs))
+        outputs, hiddens = gru_sequence(self.rnn, features, hidden, is_init, every_hidden=True)
+        return self.head(outputs).squeeze(-1), hiddens
 
 
-class AgentCritic(nn.Module):
-    """One value per agent, ``[..., n_agents]`` in normalised value units.
+class CentralCritic(Critic):
+    """``V(s)`` on the global state ``[..., state_size]``; outputs ``[..., 1]``."""
+
+    def __init__(
+        self, state_size: int, hidden_size: int = 64, depth: int = 2, recurrent: bool = False
+    ) -> None:
+        super().__init__(state_size, 1, hidden_size, depth, recurrent)
+        self.n_rows = 1
+
+    def rows(self, inputs: Tensor) -> Tensor:
+        return inputs.unsqueeze(-2)
+
+
+class AgentCritic(Critic):
+    """One value per agent, ``[..., n_agents]``.
 
     The input is either per-agent (``[..., n_agents, in_features]``, e.g. IPPO's observations) or one
     global state ``[..., in_features]`` that every agent reads (``per_agent_input=False``: the paper
@@ -41,21 +81,21 @@ class AgentCritic(nn.Module):
         *,
         per_agent_input: bool = True,
         agent_id: bool = False,
+        recurrent: bool = False,
     ) -> None:
-        super().__init__()
-        self.n_agents, self.per_agent_input = n_agents, per_agent_input
-        self.append_id = sharing != "nops" or agent_id
-        stacks = n_agents if sharing == "nops" else 1
-        in_features += n_agents if self.append_id else 0
-        self.net = paper_mlp(in_features, 1, depth, hidden_size, out_gain=1.0, stacks=stacks)
+        append_id = sharing != "nops" or agent_id
+        in_features += n_agents if append_id else 0
+        super().__init__(in_features, n_agents if sharing == "nops" else 1, hidden_size, depth, recurrent)
+        self.n_agents, self.per_agent_input, self.append_id = n_agents, per_agent_input, append_id
+        self.n_rows = n_agents
         self.register_buffer("agent_id", torch.eye(n_agents))
 
-    def forward(self, inputs: Tensor) -> Tensor:
+    def rows(self, inputs: Tensor) -> Tensor:
         if not self.per_agent_input:
             inputs = inputs.unsqueeze(-2).expand(*inputs.shape[:-1], self.n_agents, inputs.shape[-1])
         if self.append_id:
             inputs = torch.cat([inputs, self.agent_id.expand(*inputs.shape[:-1], -1)], -1)
-        return self.net(inputs).squeeze(-1)
+        return inputs
 
 
 class ValueNormalizer(nn.Module):

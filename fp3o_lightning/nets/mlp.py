@@ -121,3 +121,22 @@ class StackedGRU(nn.Module):
         candidate = torch.tanh(input_n + reset * hidden_n)
         hidden = candidate + update * (hidden - candidate)
         return self.norm(hidden), hidden
+
+
+def gru_sequence(
+    rnn: StackedGRU, features: Tensor, hidden: Tensor, is_init: Tensor, every_hidden: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Run ``rnn`` over sequences: ``features [n, L, ..., in]`` from ``hidden [n, ..., hidden]``, zeroing
+    the hidden state where ``is_init [n, L, 1]`` marks an episode start.
+
+    Returns the outputs ``[n, L, ..., hidden]`` and the hidden state after the last step, or with
+    ``every_hidden`` the hidden state after every step ``[n, L, ..., hidden]``.
+    """
+    outputs, hiddens = [], []
+    reset = is_init.reshape(*is_init.shape[:2], *([1] * (features.dim() - 2)))
+    for t in range(features.shape[1]):  # a loop over time steps, not over agents
+        hidden = torch.where(reset[:, t], 0.0, hidden)
+        output, hidden = rnn(features[:, t], hidden)
+        outputs.append(output)
+        hiddens.append(hidden)
+    return torch.stack(outputs, 1), torch.stack(hiddens, 1) if every_hidden else hidden

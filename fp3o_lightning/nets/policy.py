@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torchrl.modules import IndependentNormal, MaskedCategorical
 
-from fp3o_lightning.nets.mlp import StackedGRU, paper_mlp
+from fp3o_lightning.nets.mlp import StackedGRU, gru_sequence, paper_mlp
 
 SHARING = ("fups", "paps", "nops")
 ACTOR_NETWORKS = ("mlp", "rnn")
@@ -120,13 +120,8 @@ class MultiAgentPolicy(nn.Module):
         """A recurrent actor over sequences: ``observation [n, L, n_agents, obs]``, the hidden state
         at the first step ``[n, n_agents, hidden]``, ``is_init [n, L, 1]``. Returns the parameters
         ``[n, L, n_agents, ...]`` and the hidden state after the last step."""
-        features = self.trunk(self._inputs(observation))
-        outputs = []
-        for t in range(features.shape[1]):  # a loop over time steps, not over agents
-            hidden = torch.where(is_init[:, t, :, None], 0.0, hidden)
-            output, hidden = self.rnn(features[:, t], hidden)
-            outputs.append(output)
-        return (*self._head(torch.stack(outputs, 1), action_mask), hidden)
+        outputs, hidden = gru_sequence(self.rnn, self.trunk(self._inputs(observation)), hidden, is_init)
+        return (*self._head(outputs, action_mask), hidden)
 
     def _inputs(self, observation: Tensor) -> Tensor:
         if self.append_id:

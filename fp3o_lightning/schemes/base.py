@@ -9,7 +9,7 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from fp3o_lightning.module import FP3OModule
+    from fp3o_lightning.learner import PPOLearner
 
 
 class UpdateScheme(ABC):
@@ -21,8 +21,8 @@ class UpdateScheme(ABC):
     critic, ``[B, n_agents]`` for one value per agent), ``"value"`` (the critic's, normalised units) and
     ``"value_target"`` (GAE's return, denormalised: the value loss normalises it when it is used).
 
-    Schemes drive ``module.ppo_phase`` and ``module.measure`` and return tensors to log, keyed by
-    metric name, including the diagnostics ``start_ratio`` and ``end_kl`` (``[B, n_agents]``):
+    Schemes drive a ``PPOLearner`` (``learner.ppo_phase``, ``learner.measure``) and return tensors to
+    log, keyed by metric name, including the diagnostics ``start_ratio`` and ``end_kl`` (``[B, n_agents]``):
     each agent's ratio to the rollout policy when its update starts, and KL(old || new) when it ends.
     """
 
@@ -31,4 +31,4 @@ class UpdateScheme(ABC):
     local_critic: ClassVar[bool] = False
 
     @abstractmethod
-    def update(self, module: FP3OModule, batch: TensorDictBase) -> dict[str, Tensor]: ...
+    def update(self, learner: PPOLearner, batch: TensorDictBase) -> dict[str, Tensor]: ...

@@ -13,7 +13,7 @@ from fp3o_lightning.objectives import dependence_factor, dependence_gate, non_ov
 from fp3o_lightning.schemes.base import UpdateScheme
 
 if TYPE_CHECKING:
-    from fp3o_lightning.module import FP3OModule
+    from fp3o_lightning.learner import PPOLearner
 
 
 class FP3O(UpdateScheme):
@@ -34,24 +34,24 @@ class FP3O(UpdateScheme):
 
     name = "fp3o"
 
-    def update(self, module: FP3OModule, batch: TensorDictBase) -> dict[str, Tensor]:
+    def update(self, learner: PPOLearner, batch: TensorDictBase) -> dict[str, Tensor]:
         old_log_prob = batch["agents", "action_log_prob"]
-        start_log_prob, _ = module.measure(batch)
-        independence = module.ppo_phase(batch)
-        middle_log_prob, kl_old_middle = module.measure(batch)
-        separated_agent, selected_agent = non_overlapping_selection(module.n_agents, module.generator)
+        start_log_prob, _ = learner.measure(batch)
+        independence = learner.ppo_phase(batch)
+        middle_log_prob, kl_old_middle = learner.measure(batch)
+        separated_agent, selected_agent = non_overlapping_selection(learner.n_agents, learner.generator)
         factor = dependence_factor(middle_log_prob, old_log_prob)
-        alive = batch.get(ALIVE) if module.alive else None
+        alive = batch.get(ALIVE) if learner.alive else None
         gate = dependence_gate(
-            middle_log_prob, old_log_prob, batch["advantage"], module.all_reduce_sum, alive=alive
+            middle_log_prob, old_log_prob, batch["advantage"], learner.all_reduce_sum, alive=alive
         )
         stats = {f"{key}_independence": value for key, value in independence.items()}
         if gate:
-            dependence = module.ppo_phase(batch, factor=factor)
+            dependence = learner.ppo_phase(batch, factor=factor)
             stats.update({f"{key}_dependence": value for key, value in dependence.items()})
         stats.update(
             start_ratio=torch.exp(start_log_prob - old_log_prob),
-            end_kl=module.measure(batch)[1],
+            end_kl=learner.measure(batch)[1],
             kl_old_middle=kl_old_middle.mean(0),
             gate=torch.tensor(float(gate)),
             factor_mean=factor.mean(0),

@@ -11,7 +11,7 @@ from torch import Tensor
 from fp3o_lightning.schemes.base import UpdateScheme
 
 if TYPE_CHECKING:
-    from fp3o_lightning.module import FP3OModule
+    from fp3o_lightning.learner import PPOLearner
 
 
 class HAPPO(UpdateScheme):
@@ -26,25 +26,25 @@ class HAPPO(UpdateScheme):
 
     name = "happo"
 
-    def update(self, module: FP3OModule, batch: TensorDictBase) -> dict[str, Tensor]:
+    def update(self, learner: PPOLearner, batch: TensorDictBase) -> dict[str, Tensor]:
         old_log_prob = batch["agents", "action_log_prob"]
-        order = torch.randperm(module.n_agents, generator=module.generator)
+        order = torch.randperm(learner.n_agents, generator=learner.generator)
         factor = torch.ones_like(old_log_prob[:, :1])
         start_ratio, end_kl = torch.ones_like(old_log_prob), torch.zeros_like(old_log_prob)
-        clip_fraction = torch.zeros(module.n_agents, device=old_log_prob.device)
+        clip_fraction = torch.zeros(learner.n_agents, device=old_log_prob.device)
         for agent in order.tolist():
-            selected = torch.zeros(module.n_agents, dtype=torch.bool, device=old_log_prob.device)
+            selected = torch.zeros(learner.n_agents, dtype=torch.bool, device=old_log_prob.device)
             selected[agent] = True
-            log_prob, _ = module.measure(batch)
+            log_prob, _ = learner.measure(batch)
             start_ratio[:, agent] = torch.exp(log_prob[:, agent] - old_log_prob[:, agent])
-            phase = module.ppo_phase(
+            phase = learner.ppo_phase(
                 batch, factor=factor.expand_as(old_log_prob), agents=selected, train_critic=False
             )
             clip_fraction[agent] = phase["clip_fraction"][agent]
-            log_prob, kl = module.measure(batch)
+            log_prob, kl = learner.measure(batch)
             end_kl[:, agent] = kl[:, agent]
             factor = factor * torch.exp(log_prob[:, agent : agent + 1] - old_log_prob[:, agent : agent + 1])
-        critic = module.ppo_phase(batch, train_actor=False)
+        critic = learner.ppo_phase(batch, train_actor=False)
         return {
             "clip_fraction": clip_fraction,
             "value_loss": critic["value_loss"],

@@ -11,7 +11,7 @@ from torch import Tensor
 from fp3o_lightning.schemes.base import UpdateScheme
 
 if TYPE_CHECKING:
-    from fp3o_lightning.module import FP3OModule
+    from fp3o_lightning.learner import PPOLearner
 
 
 class MAPPO(UpdateScheme):
@@ -20,12 +20,12 @@ class MAPPO(UpdateScheme):
 
     name = "mappo"
 
-    def update(self, module: FP3OModule, batch: TensorDictBase) -> dict[str, Tensor]:
-        start_log_prob, _ = module.measure(batch)
-        stats = module.ppo_phase(batch)
+    def update(self, learner: PPOLearner, batch: TensorDictBase) -> dict[str, Tensor]:
+        start_log_prob, _ = learner.measure(batch)
+        stats = learner.ppo_phase(batch)
         stats.update(
             start_ratio=torch.exp(start_log_prob - batch["agents", "action_log_prob"]),
-            end_kl=module.measure(batch)[1],
+            end_kl=learner.measure(batch)[1],
         )
         return stats
 

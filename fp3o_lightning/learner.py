@@ -1,0 +1,370 @@
+"""The PPO mechanics every update scheme uses: GAE, the policy on an update batch, the minibatch loss and
+the ``ppo_epochs x num_minibatches`` optimiser steps of one phase.
+
+The LightningModule owns the networks, the optimisers and the Lightning glue (backward under the
+Trainer's strategy and precision, the DDP all-reduce); it hands them to a :class:`PPOLearner`, which the
+schemes (FP3O's phases, HAPPO's sequence, MAPPO's single phase) drive. Nothing here imports the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from tensordict import TensorDictBase
+from torch import Tensor
+from torch.distributions import Distribution, kl_divergence
+from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
+
+from fp3o_lightning.keys import (
+    ACTION,
+    ACTION_MASK,
+    ALIVE,
+    CRITIC_HIDDEN,
+    HIDDEN,
+    IS_INIT,
+    LOG_PROB,
+    OBSERVATION,
+)
+from fp3o_lightning.nets import Critic, MultiAgentPolicy, ValueNormalizer
+from fp3o_lightning.objectives import (
+    active_mean,
+    clipped_surrogate,
+    explained_variance,
+    huber_value_loss,
+    normalize_advantage,
+)
+from fp3o_lightning.optim import AgentFreezer, clip_grad_norm_per_agent, skip_step_unless
+
+
+class PPOLearner:
+    """PPO-clip on the agents' policy and the critic, for one module's networks and optimisers.
+
+    Args:
+        policy, critic, value_normalizer: the networks (owned, and checkpointed, by the module).
+        hparams: the module's hyperparameters (the update's: ``clip_epsilon``, ``ppo_epochs``,
+            ``num_minibatches``, ``entropy_coef``, ``max_grad_norm``, ``huber_delta``, ``value_clip``,
+            ``value_norm_update``, ``compile_update``, ``gamma``, ``gae_lambda``, ``time_limit``).
+        param_keys: the rollout's keys of the action distribution's parameters.
+        critic_keys: the critic's inputs, concatenated per agent (``"state"`` and/or the observation).
+        alive: leave dead agents (``("agents", "alive")``) out of the policy loss and entropy.
+        masked: the batch carries an action mask.
+        chunk_length: steps per replayed sequence (1 unless a network is recurrent).
+        generator: the seeded generator of minibatch orders (and of the schemes' agent orders).
+        optimizers: the actor's and the critic's optimisers, in that order (Lightning's wrappers).
+        backward: backpropagates a loss under the Trainer's strategy and precision.
+        all_reduce_sum, world_size: the sum over DDP processes and their number.
+    """
+
+    def __init__(
+        self,
+        policy: MultiAgentPolicy,
+        critic: Critic,
+        value_normalizer: ValueNormalizer,
+        hparams: Any,
+        *,
+        param_keys: Sequence[Any],
+        critic_keys: Sequence[Any],
+        alive: bool,
+        masked: bool,
+        chunk_length: int,
+        generator: torch.Generator,
+        optimizers: Callable[[], Sequence[LightningOptimizer]],
+        backward: Callable[[Tensor], None],
+        all_reduce_sum: Callable[[Tensor], Tensor],
+        world_size: Callable[[], int],
+    ) -> None:
+        self.policy, self.critic, self.value_normalizer = policy, critic, value_normalizer
+        self.hparams = hparams
+        self.param_keys, self.critic_keys = tuple(param_keys), tuple(critic_keys)
+        self.alive, self.masked, self.chunk_length, self.generator = alive, masked, chunk_length, generator
+        self.optimizers, self.backward = optimizers, backward
+        self.all_reduce_sum, self.world_size = all_reduce_sum, world_size
+        self.n_agents = policy.n_agents
+        self._compiled_loss: Any = None
+        #: A recurrent critic's hidden state after the last rollout ``[num_envs, rows, hidden]``.
+        self.critic_hidden: Tensor | None = None
+        self.reset_counters()
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.agent_id.device
+
+    def reset_counters(self) -> None:
+        """Zero the counts of minibatch steps and of skipped non-finite ones (once per iteration)."""
+        self.skipped = torch.zeros(2, device=self.device)  # non-finite [losses, gradients]
+        self.steps = 0
+
+    def critic_inputs(self, tensordict: TensorDictBase) -> Tensor:
+        """The critic's input: its one key, or the state beside each agent's observation."""
+        if len(self.critic_keys) == 1:
+            return tensordict[self.critic_keys[0]]
+        state, observation = tensordict["state"], tensordict[OBSERVATION]
+        state = state.unsqueeze(-2).expand(*observation.shape[:-1], state.shape[-1])
+        return torch.cat([state, observation], -1)
+
+    def values(self, tensordict: TensorDictBase) -> Tensor:
+        """Critic values in normalised units, ``[..., 1]`` (team) or ``[..., n_agents]`` (per agent).
+
+        A recurrent critic reads a flat update batch (or minibatch) as sequences of ``chunk_length``
+        steps and replays each from the hidden state stored at its first step, as the actor does.
+        """
+        inputs = self.critic_inputs(tensordict)
+        if not self.critic.recurrent:
+            return self.critic(inputs)
+
+        def chunks(x: Tensor) -> Tensor:
+            return x.reshape(-1, self.chunk_length, *x.shape[1:])
+
+        hidden = chunks(tensordict[CRITIC_HIDDEN])[:, 0]
+        value, _ = self.critic.sequence(chunks(inputs), hidden, chunks(tensordict[IS_INIT]))
+        return value.flatten(0, 1)
+
+    def rollout_values(self, rollout: TensorDictBase) -> tuple[Tensor, Tensor, Tensor]:
+        """A recurrent critic along a rollout ``[num_envs, T]``, from the hidden state the previous
+        rollout left (as the paper's code steps it while collecting): the values, the values of each
+        step's next observation (from the hidden state after the step) and the hidden state entering
+        each step. The hidden state after the last step is kept for the next rollout
+        (``critic_hidden``, checkpointed with the collector's state)."""
+        shape = (rollout.shape[0], self.critic.n_rows, self.critic.hidden_size)
+        start = self.critic_hidden
+        if start is None or start.shape != shape:  # the first rollout (it starts with a reset)
+            start = torch.zeros(shape, device=self.device)
+        value, after = self.critic.sequence(self.critic_inputs(rollout), start, rollout[IS_INIT])
+        next_value, _ = self.critic(self.critic_inputs(rollout["next"]), after)
+        self.critic_hidden = after[:, -1]
+        return value, next_value, torch.cat([start.unsqueeze(1), after[:, :-1]], 1)
+
+    @torch.no_grad()
+    def compute_advantages(self, rollout: TensorDictBase) -> tuple[TensorDictBase, Tensor]:
+        """GAE on the team reward with value-normaliser-aware values, per value the critic gives
+        (one for the team, or one per agent).
+
+        The time limit ends an episode like a termination with ``time_limit="terminal"`` and is
+        bootstrapped from the next value with ``"bootstrap"``; a termination never is. Returns the
+        flat batch the update schemes consume (see ``UpdateScheme``) and the explained variance of
+        the critic's values before the update.
+        """
+        if self.critic.recurrent:
+            value, next_value, critic_hidden = self.rollout_values(rollout)
+        else:
+            value, next_value = self.values(rollout), self.values(rollout["next"])
+        denormalized_value = self.value_normalizer.denormalize(value)
+        next_value = self.value_normalizer.denormalize(next_value)
+        width = value.shape[-1]  # one team value, or one value per agent
+        done = rollout["next", "done"]
+        terminated = done if self.hparams.time_limit == "terminal" else rollout["next", "terminated"]
+        advantage, target = vec_generalized_advantage_estimate(
+            self.hparams.gamma,
+            self.hparams.gae_lambda,
+            denormalized_value,
+            next_value,
+            rollout["next", "reward"].expand_as(value),
+            done=done.expand(*value.shape[:-1], width),
+            terminated=terminated.expand(*value.shape[:-1], width),
+        )
+        if self.hparams.value_norm_update == "iteration":
+            self.update_value_normalizer(target)
+        keys = [OBSERVATION, ACTION, "state"] + [ACTION_MASK] * self.masked + [ALIVE] * self.alive
+        recurrent = self.policy.recurrent or self.critic.recurrent
+        keys += [HIDDEN] * self.policy.recurrent + [IS_INIT] * recurrent
+        batch = rollout.select(*keys).to(self.device)
+        if self.critic.recurrent:
+            batch[CRITIC_HIDDEN] = critic_hidden
+        batch["advantage"] = normalize_advantage(advantage)
+        batch["value"] = value
+        batch["value_target"] = target
+        # [num_envs, rollout_length] -> flat, environment-major: consecutive runs of chunk_length
+        # samples are the sequences a recurrent actor (and critic) replays.
+        batch = batch.reshape(-1)
+        # As the paper's code does, the old policy's log-probs are recomputed on the whole flat
+        # batch: the collector computed them step by step, in other batch shapes, which rounds
+        # differently (~1e-7). Every update then starts from a ratio of exactly 1.
+        params = self.distribution_params(batch)
+        batch.update(dict(zip(self.param_keys, params, strict=True)))
+        batch[LOG_PROB] = self.old_distribution(batch).log_prob(batch[ACTION])
+        return batch, explained_variance(denormalized_value, target)
+
+    def update_value_normalizer(self, target: Tensor) -> None:
+        """Fold value targets (denormalised) into the value normaliser, averaged over DDP processes."""
+        moments = self.value_normalizer.moments(target)
+        self.value_normalizer.update(self.all_reduce_sum(moments) / self.world_size())
+
+    def distribution_params(self, batch: TensorDictBase) -> tuple[Tensor, ...]:
+        """The current policy's distribution parameters on a flat update batch (or a minibatch of
+        whole sequences)."""
+        return self.policy.batch_params(
+            batch[OBSERVATION],
+            batch.get(ACTION_MASK),
+            batch.get(HIDDEN),
+            batch.get(IS_INIT),
+            self.chunk_length,
+        )
+
+    def distribution(self, batch: TensorDictBase) -> Distribution:
+        """The current policy on a flat batch: ``log_prob`` and ``entropy`` are ``[B, n_agents]``."""
+        return self.policy.make_distribution(self.distribution_params(batch), batch.get(ACTION_MASK))
+
+    def old_distribution(self, batch: TensorDictBase) -> Distribution:
+        """The rollout policy, from the parameters stored in the batch."""
+        return self.policy.make_distribution([batch[k] for k in self.param_keys], batch.get(ACTION_MASK))
+
+    @torch.no_grad()
+    def measure(self, batch: TensorDictBase) -> tuple[Tensor, Tensor]:
+        """The current policy's log-probs of the batch's actions and KL(rollout policy || current).
+
+        Both ``[B, n_agents]``, on the whole batch, without gradients (KL exact for Gaussians).
+        """
+        distribution = self.distribution(batch)
+        return distribution.log_prob(batch[ACTION]), kl_divergence(self.old_distribution(batch), distribution)
+
+    def minibatch_loss(
+        self,
+        minibatch: TensorDictBase,
+        factor: Tensor | None,
+        agent_weight: Tensor,
+        train_actor: bool,
+        train_critic: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """The loss of one minibatch step of :meth:`ppo_phase` and its parts.
+
+        Returns the loss to minimise (policy loss, minus the entropy bonus, plus the value loss) and
+        its policy loss, entropy and value loss (0 for a network not trained), and the current
+        log-probs ``[B, n_agents]`` (``None`` when the actors are not trained).
+        """
+        hp = self.hparams
+        zero = torch.zeros((), device=agent_weight.device)
+        policy_loss = entropy = value_loss = zero
+        log_prob = None
+        if train_actor:
+            distribution = self.distribution(minibatch)
+            log_prob = distribution.log_prob(minibatch[ACTION])
+            surrogate = clipped_surrogate(
+                log_prob, minibatch[LOG_PROB], minibatch["advantage"], hp.clip_epsilon, factor
+            )
+            alive = minibatch.get(ALIVE) if self.alive else None
+            shared = not self.policy.per_agent_parameters
+            policy_loss = -(active_mean(surrogate, alive, shared) * agent_weight).sum()
+            entropy = (active_mean(distribution.entropy(), alive, shared) * agent_weight).sum()
+        if train_critic:
+            value_loss = huber_value_loss(
+                self.values(minibatch),
+                minibatch["value"],
+                self.value_normalizer.normalize(minibatch["value_target"]),
+                hp.huber_delta,
+                hp.clip_epsilon if hp.value_clip else None,
+            )
+        loss = policy_loss - hp.entropy_coef * entropy + value_loss
+        return loss, policy_loss, entropy, value_loss, log_prob
+
+    def compiled_minibatch_loss(self) -> Any:
+        """:meth:`minibatch_loss` compiled by ``torch.compile`` (once per process, at first use).
+
+        On CUDA in the ``reduce-overhead`` mode: the forward and backward graphs are captured as CUDA
+        graphs and replayed, one launch each instead of dozens of kernels of the paper's small networks.
+        """
+        if self._compiled_loss is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled_loss = torch.compile(self.minibatch_loss, dynamic=False, mode=mode)
+        return self._compiled_loss
+
+    def ppo_phase(
+        self,
+        batch: TensorDictBase,
+        factor: Tensor | None = None,
+        agents: Tensor | None = None,
+        train_actor: bool = True,
+        train_critic: bool = True,
+    ) -> dict[str, Tensor]:
+        """``ppo_epochs x num_minibatches`` steps of PPO-clip on the agents, and of the critic.
+
+        Args:
+            batch: the flat update batch (see ``UpdateScheme``).
+            factor: ``[B, n_agents]``, detached, weights each agent's clipped surrogate; ``None`` is 1.
+            agents: bool ``[n_agents]``, the agents whose surrogate is optimised (``None``: all).
+                With stacked per-agent parameters the others do not move, Adam moments included.
+            train_actor, train_critic: which networks this phase trains.
+
+        Returns the per-agent clip fractions, mean policy loss and entropy (when training the
+        actors) and the mean value loss (when training the critic), without host syncs.
+        """
+        hp = self.hparams
+        actor_optimizer, critic_optimizer = self.optimizers()
+        chunk = self.chunk_length
+        sequences = batch.numel() // chunk
+        steps = torch.arange(chunk, device=self.device)
+        # Mean over agents for shared networks (as the paper's code concatenates agents), sum of
+        # per-agent means for NoPS (each agent's gradient equals that of its own PPO loss).
+        mask = torch.ones(self.n_agents, device=self.device) if agents is None else agents.float()
+        agent_weight = mask if self.policy.per_agent_parameters else mask / mask.sum()
+        freezer = None
+        if train_actor and agents is not None and not bool(agents.all()):
+            freezer = AgentFreezer(self.policy.stacked_parameters(), actor_optimizer.optimizer, ~agents)
+        trained = [
+            opt for opt, on in ((actor_optimizer, train_actor), (critic_optimizer, train_critic)) if on
+        ]
+        if self.skipped.device != self.device:  # the module moved since the last reset
+            self.reset_counters()
+        zero = torch.zeros((), device=self.device)
+        minibatch_loss = self.compiled_minibatch_loss() if hp.compile_update else self.minibatch_loss
+        totals = torch.zeros(3, device=self.device)
+        clipped = torch.zeros(self.n_agents, device=self.device)
+        size = batch.numel() // hp.num_minibatches
+        for _ in range(hp.ppo_epochs):
+            order = torch.randperm(sequences, generator=self.generator).to(self.device)
+            # Shuffled whole sequences, gathered once per epoch; minibatches are slices of them.
+            index = (order.unsqueeze(-1) * chunk + steps).reshape(-1)
+            minibatches = batch[index].split(size)  # one TensorDict call per epoch, not one per minibatch
+            factors = [None] * len(minibatches) if factor is None else factor[index].split(size)
+            for minibatch, minibatch_factor in zip(minibatches, factors, strict=True):
+                if train_critic and hp.value_norm_update == "minibatch":
+                    self.update_value_normalizer(minibatch["value_target"])
+                if hp.compile_update and self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+                loss, policy_loss, entropy, value_loss, log_prob = minibatch_loss(
+                    minibatch,
+                    minibatch_factor,
+                    agent_weight,
+                    train_actor,
+                    train_critic,
+                )
+                actor_optimizer.zero_grad()
+                critic_optimizer.zero_grad()
+                # Actor and critic graphs are disjoint: one backward serves both optimisers.
+                self.backward(loss)
+                norms = [zero]
+                if train_actor:
+                    if self.policy.per_agent_parameters:
+                        norms.append(clip_grad_norm_per_agent(self.policy.parameters(), hp.max_grad_norm))
+                    else:
+                        norms.append(
+                            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
+                        )
+                if train_critic:
+                    norms.append(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), hp.max_grad_norm))
+                # Gradient norms are all-reduced under DDP, so every process takes the same decision.
+                finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
+                self.skipped += torch.stack([~torch.isfinite(loss.detach()), ~finite]).float()
+                for optimizer in trained:  # a non-finite step leaves everything as it was
+                    skip_step_unless(optimizer.optimizer, finite)
+                if train_actor:
+                    actor_optimizer.step()
+                    if freezer is not None:
+                        freezer.restore()
+                    with torch.no_grad():
+                        ratio = torch.exp(log_prob - minibatch[LOG_PROB])
+                        clipped += ((ratio - 1.0).abs() > hp.clip_epsilon).float().mean(0)
+                if train_critic:
+                    critic_optimizer.step()
+                totals += torch.stack([policy_loss, value_loss, entropy]).detach().nan_to_num()
+        self.steps += hp.ppo_epochs * hp.num_minibatches
+        policy_loss, value_loss, entropy = totals / (hp.ppo_epochs * hp.num_minibatches)
+        stats: dict[str, Tensor] = {}
+        if train_actor:
+            stats |= {"clip_fraction": clipped / (hp.ppo_epochs * hp.num_minibatches)}
+            stats |= {"policy_loss": policy_loss, "entropy": entropy}
+        if train_critic:
+            stats["value_loss"] = value_loss
+        return stats
