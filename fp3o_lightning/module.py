@@ -656,12 +656,16 @@ class FP3OModule(L.LightningModule):
     def evaluate(self) -> dict[str, Tensor]:
         """``eval_episodes`` deterministic episodes on a separate environment with its own fixed seed.
 
-        The evaluation environment is reseeded every time, so a fixed policy always scores the same.
+        The evaluation environment is reseeded every time, so a fixed policy always scores the same,
+        and rebuilt when the module has moved to another device since (for those that simulate there).
         Returns each episode's return and, where the environment reports wins (a ``"won"`` key),
         whether it was won.
         """
         hp = self.hparams
-        if "eval_env" not in self._runtime:
+        cached = self._runtime.get("eval_env")
+        if cached is None or cached.device != self.env_device:
+            if cached is not None:
+                cached.close()
             num_envs = min(hp.eval_num_envs, hp.eval_episodes)
             self._runtime["eval_env"] = self.build_env(num_envs)
         env, actor = self._runtime["eval_env"], self.make_actor()

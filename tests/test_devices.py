@@ -162,3 +162,15 @@ def test_rollout_policy_on_the_trainer_device_option() -> None:
     probe = DeviceProbe()
     fit_quietly(module, accelerator="cuda", callbacks=[probe])
     assert probe.seen[0]["rollout_policy"] == {"cuda"} and probe.seen[0]["env"] == "cpu"
+
+
+@CUDA
+def test_evaluation_follows_the_module_onto_cuda() -> None:
+    """An environment that simulates on the module's device is rebuilt there for evaluation."""
+    module = small_module(env=MASKED_ON_DEVICE, eval_episodes=2, eval_num_envs=2)
+    first = module.evaluate()["returns"]
+    assert module._runtime["eval_env"].device == torch.device("cpu")
+    module.cuda()
+    second = module.evaluate()["returns"]
+    assert module._runtime["eval_env"].device.type == "cuda" and torch.isfinite(second).all()
+    assert first.shape == second.shape
