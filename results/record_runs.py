@@ -1,43 +1,84 @@
-"""Append finished reproduction runs to ``results/mamujoco_10M.csv`` from their MLflow stores.
+"""Record the reproduction runs from their MLflow stores into ``results/``.
 
     python results/record_runs.py --commit b70bc3d /work/runs/*/mlflow.db
 
-One row per run that reached its ``total_frames``, with exactly the columns
+For every run (finished or not), ``results/runs/<run>/`` gets ``metrics.csv`` (the history of
+``RECORDED_METRICS``: key, frames, value, timestamp in ms) and ``run.json`` (tags, hyperparameters,
+status, frames, training wall time), so that the table and the learning curves can be rebuilt on any
+machine (``results/report.py``). Each finished run (``total_frames`` reached) also gets one row in
+``results/mamujoco_10M.csv``, with exactly the columns
 ``task,sharing,algorithm,seed,frames,final_eval_return,commit``: ``final_eval_return`` is the last
 evaluation's ``eval/return_mean`` (the mean of its 32 episodes). A run already in the file (same task,
-sharing, algorithm, seed and commit) is not written twice; unfinished runs are listed, not written.
+sharing, algorithm, seed and commit) is not written twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 COLUMNS = ("task", "sharing", "algorithm", "seed", "frames", "final_eval_return", "commit")
-CSV = Path(__file__).resolve().parent / "mamujoco_10M.csv"
+RESULTS = Path(__file__).resolve().parent
+CSV = RESULTS / "mamujoco_10M.csv"
+RECORDED_METRICS = (
+    "train/frames",
+    "train/episode_return",
+    "train/fps",
+    "eval/return_mean",
+    "eval/return_std",
+)
+#: A gap between two logged iterations longer than this is a stop (the run was resumed later).
+STOP_GAP_MS = 10 * 60 * 1000
 
 
-def finished_rows(store: Path, commit: str) -> tuple[list[dict[str, str]], list[str]]:
-    """The rows of the finished runs in the MLflow sqlite ``store``, and a line for each unfinished one."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
-    rows, unfinished = [], []
-    for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id]):
-            tags, params = run.data.tags, run.data.params
-            frames = int(run.data.metrics.get("train/frames", 0))
-            evaluations = client.get_metric_history(run.info.run_id, "eval/return_mean")
-            if frames < int(params.get("total_frames", 0)) or not evaluations:
-                name = f"{tags.get('algorithm')} seed {tags.get('seed')}"
-                unfinished.append(f"{store}: {name} at {frames} frames")
-                continue
-            last = max(evaluations, key=lambda m: m.step)
-            row = {"task": tags["task"], "sharing": tags["sharing"], "algorithm": tags["algorithm"]}
-            row |= {"seed": tags["seed"], "frames": str(frames), "final_eval_return": f"{last.value:.1f}"}
-            rows.append(row | {"commit": commit})
-    return rows, unfinished
+def run_directory(tags: dict[str, str]) -> str:
+    """``halfcheetah6x1_nops_fp3o_s0``-style name of a run's directory."""
+    task = tags["task"].lower().replace(" ", "")
+    return f"{task}_{tags['sharing']}_{tags['algorithm']}_s{tags['seed']}"
+
+
+def training_hours(timestamps: list[int]) -> float:
+    """Hours between the first and the last logged iteration, without the stops between sessions."""
+    steps = sorted(timestamps)
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    return sum(gap for gap in gaps if gap < STOP_GAP_MS) / 3.6e6
+
+
+def record(client: MlflowClient, run, commit: str) -> tuple[dict[str, str] | None, str]:
+    """Write the run's ``metrics.csv`` and ``run.json``; its CSV row if it finished, and a summary line."""
+    tags, params = run.data.tags, run.data.params
+    history = {key: client.get_metric_history(run.info.run_id, key) for key in RECORDED_METRICS}
+    frames = int(max((m.value for m in history["train/frames"]), default=0))
+    finished = frames >= int(params.get("total_frames", 0)) and history["eval/return_mean"]
+    directory = RESULTS / "runs" / run_directory(tags)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "metrics.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(("key", "frames", "value", "timestamp"))
+        for key, metrics in history.items():
+            ordered = sorted(metrics, key=lambda m: m.step)
+            writer.writerows((key, m.step, m.value, m.timestamp) for m in ordered)
+    hours = training_hours([m.timestamp for m in history["train/frames"]])
+    summary = {
+        "tags": {k: v for k, v in tags.items() if not k.startswith("mlflow.")},
+        "params": params,
+        "status": "FINISHED" if finished else "UNFINISHED",
+        "frames": frames,
+        "training_hours": round(hours, 3),
+        "commit": commit,
+    }
+    (directory / "run.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    line = f"{directory.name}: {frames} frames, {hours:.2f} h of training"
+    if not finished:
+        return None, f"{line} (not finished)"
+    last = max(history["eval/return_mean"], key=lambda m: m.step)
+    row = {"task": tags["task"], "sharing": tags["sharing"], "algorithm": tags["algorithm"]}
+    row |= {"seed": tags["seed"], "frames": str(frames), "final_eval_return": f"{last.value:.1f}"}
+    return row | {"commit": commit}, f"{line}, final evaluation {last.value:.1f}"
 
 
 def main() -> None:
@@ -50,10 +91,14 @@ def main() -> None:
     known = {tuple(row[k] for k in key) for row in existing}
     new = []
     for store in args.stores:
-        rows, unfinished = finished_rows(store, args.commit)
-        new += [row for row in rows if tuple(row[k] for k in key) not in known]
-        for line in unfinished:
-            print(f"not finished: {line}")
+        client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
+        for experiment in client.search_experiments():
+            for run in client.search_runs([experiment.experiment_id]):
+                row, line = record(client, run, args.commit)
+                print(line)
+                if row is not None and tuple(row[k] for k in key) not in known:
+                    new.append(row)
+                    known.add(tuple(row[k] for k in key))
     with CSV.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
