@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -41,7 +42,8 @@ from mlflow import MlflowClient
 
 from fp3o_lightning.callbacks import IterationCheckpoint, IterationProgressBar
 from fp3o_lightning.callbacks.checkpoints import CHECKPOINT_ROOT
-from fp3o_lightning.module import FP3OModule, legacy_hparams
+from fp3o_lightning.envs import task_name
+from fp3o_lightning.module import DEFAULT_ENV, FP3OModule, legacy_hparams
 
 #: Every ``fp3o`` command, as ``fp3o --help`` lists it.
 COMMANDS = {
@@ -225,14 +227,18 @@ class FP3OCLI(LightningCLI):
             model[name] = given[name]
 
     def before_instantiate_classes(self) -> None:
-        """Check the MLflow store; a fit from a checkpoint continues its MLflow run."""
+        """Check the MLflow store; name a new MLflow run after what it trains; a fit from a checkpoint
+        continues its MLflow run."""
         config = self.config[self.subcommand]
-        check_mlflow_store(config.trainer.get("logger"))
+        logger = config.trainer.get("logger")
+        check_mlflow_store(logger)
+        mlflow_logger = isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger")
+        if mlflow_logger and not logger.init_args.get("run_name"):
+            logger.init_args.run_name = default_run_name(config.model)
         if self.subcommand != "fit" or config.get("ckpt_path") is None:
             return
         run = load_checkpoint(config.ckpt_path).get("fp3o", {}).get("mlflow")
-        logger = config.trainer.get("logger")
-        if run and isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger"):
+        if run and mlflow_logger:
             if _run_exists(logger.init_args.tracking_uri, run["run_id"]):
                 logger.init_args.run_id = run["run_id"]  # continue the same MLflow run
             else:  # e.g. the checkpoint moved to another machine without its MLflow store
@@ -267,6 +273,13 @@ class FP3OCLI(LightningCLI):
                     logger.experiment.set_terminated(logger.run_id, "KILLED")
         if self.trainer.is_global_zero:
             print(run_summary(self.trainer, self.model, self.argv))
+
+
+def default_run_name(model: Namespace) -> str:
+    """``fp3o-nops-HalfCheetah6x1-s0-1127-090724``: what the run trains and when it started. MLflow's own
+    random names would repeat, as every fit seeds Python's generator before the run is created."""
+    task = task_name(dict(model.env or DEFAULT_ENV)).replace(" ", "")
+    return f"{model.algorithm}-{model.sharing}-{task}-s{model.seed}-{time.strftime('%m%d-%H%M%S')}"
 
 
 def check_unchanged(path: str, given: dict[str, Any], model_class: type) -> None:

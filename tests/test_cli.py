@@ -125,6 +125,7 @@ def test_fit_ends_with_a_summary_of_where_everything_is(finished_run):
     (checkpoints,) = (directory / "checkpoints").iterdir()
     summary = printed[printed.index("fp3o fit finished") :]
     assert run.info.run_name in summary and run.info.run_id in summary
+    assert re.fullmatch(r"fp3o-nops-Hopper3x1-s0-\d{4}-\d{6}", run.info.run_name)  # what and when
     assert f"mlflow ui --backend-store-uri sqlite:///{directory / 'mlflow.db'}" in summary
     assert f"checkpoints/{checkpoints.name}/" in summary
     assert "200 frames" in summary
