@@ -130,7 +130,7 @@ def policy_us_per_step(module: FP3OModule, calls: int = 300) -> float:
 def linear_flops(net: nn.Module, rows: int) -> int:
     """Forward FLOPs of ``net``'s linear layers on ``rows`` input rows (2 per multiply-add).
 
-    A stacked layer (weight ``[stacks, out, in]``) applies each stack to its agent's rows, so the total is
+    A stacked layer (weight ``[stacks, in, out]``) applies each stack to its agent's rows, so the total is
     ``2 x rows x in x out`` whatever the stacking, ``rows`` counting every agent's.
     """
     layers = (m for m in net.modules() if isinstance(m, StackedLinear))
@@ -250,6 +250,8 @@ def main() -> None:
         parser.error(f"--handwritten runs the paper's HalfCheetah 6x1 only, not {', '.join(differences)}")
     frames = frames_per_batch(model)
     load_before = os.getloadavg()[0]
+    if option(model, "num_threads"):  # as the module sets it: the floor's matmuls on the training's threads
+        torch.set_num_threads(option(model, "num_threads"))
 
     env = make_env(**model["env"], num_envs=option(model, "num_envs"))
     env_fps = env_frames_per_second(env, steps=frames, seed=0)

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from tensordict import TensorDictBase
 from torch import Tensor
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import kl_divergence
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
 from fp3o_lightning.keys import (
@@ -184,7 +184,7 @@ class PPOLearner:
         # differently (~1e-7). Every update then starts from a ratio of exactly 1.
         params = self.distribution_params(batch)
         batch.update(dict(zip(self.param_keys, params, strict=True)))
-        batch[LOG_PROB] = self.old_distribution(batch).log_prob(batch[ACTION])
+        batch[LOG_PROB] = self.policy.log_prob(params, batch[ACTION], batch.get(ACTION_MASK))
         return batch, explained_variance(denormalized_value, target)
 
     def update_value_normalizer(self, target: Tensor) -> None:
@@ -203,22 +203,16 @@ class PPOLearner:
             self.chunk_length,
         )
 
-    def distribution(self, batch: TensorDictBase) -> Distribution:
-        """The current policy on a flat batch: ``log_prob`` and ``entropy`` are ``[B, n_agents]``."""
-        return self.policy.make_distribution(self.distribution_params(batch), batch.get(ACTION_MASK))
-
-    def old_distribution(self, batch: TensorDictBase) -> Distribution:
-        """The rollout policy, from the parameters stored in the batch."""
-        return self.policy.make_distribution([batch[k] for k in self.param_keys], batch.get(ACTION_MASK))
-
     @torch.no_grad()
     def measure(self, batch: TensorDictBase) -> tuple[Tensor, Tensor]:
         """The current policy's log-probs of the batch's actions and KL(rollout policy || current).
 
         Both ``[B, n_agents]``, on the whole batch, without gradients (KL exact for Gaussians).
         """
-        distribution = self.distribution(batch)
-        return distribution.log_prob(batch[ACTION]), kl_divergence(self.old_distribution(batch), distribution)
+        params, mask = self.distribution_params(batch), batch.get(ACTION_MASK)
+        old = self.policy.make_distribution([batch[k] for k in self.param_keys], mask)
+        kl = kl_divergence(old, self.policy.make_distribution(params, mask))
+        return self.policy.log_prob(params, batch[ACTION], mask), kl
 
     def minibatch_loss(
         self,
@@ -239,15 +233,15 @@ class PPOLearner:
         policy_loss = entropy = value_loss = zero
         log_prob = None
         if train_actor:
-            distribution = self.distribution(minibatch)
-            log_prob = distribution.log_prob(minibatch[ACTION])
+            params, mask = self.distribution_params(minibatch), minibatch.get(ACTION_MASK)
+            log_prob = self.policy.log_prob(params, minibatch[ACTION], mask)
             surrogate = clipped_surrogate(
                 log_prob, minibatch[LOG_PROB], minibatch["advantage"], hp.clip_epsilon, factor
             )
             alive = minibatch.get(ALIVE) if self.alive else None
             shared = not self.policy.per_agent_parameters
             policy_loss = -(active_mean(surrogate, alive, shared) * agent_weight).sum()
-            entropy = (active_mean(distribution.entropy(), alive, shared) * agent_weight).sum()
+            entropy = (active_mean(self.policy.entropy(params, mask), alive, shared) * agent_weight).sum()
         if train_critic:
             value_loss = huber_value_loss(
                 self.values(minibatch),
@@ -303,14 +297,16 @@ class PPOLearner:
         if train_actor and agents is not None and not bool(agents.all()):
             freezer = AgentFreezer(self.policy.stacked_parameters(), actor_optimizer.optimizer, ~agents)
         trained = [
-            opt for opt, on in ((actor_optimizer, train_actor), (critic_optimizer, train_critic)) if on
+            opt.optimizer
+            for opt, on in ((actor_optimizer, train_actor), (critic_optimizer, train_critic))
+            if on
         ]
         if self.skipped.device != self.device:  # the module moved since the last reset
             self.reset_counters()
         zero = torch.zeros((), device=self.device)
         minibatch_loss = self.compiled_minibatch_loss() if hp.compile_update else self.minibatch_loss
-        totals = torch.zeros(3, device=self.device)
-        clipped = torch.zeros(self.n_agents, device=self.device)
+        # Every step's statistics, reduced once at the end of the phase rather than step by step.
+        losses, finites, log_ratios = [], [], []
         size = batch.numel() // hp.num_minibatches
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(sequences, generator=self.generator).to(self.device)
@@ -346,24 +342,24 @@ class PPOLearner:
                     norms.append(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), hp.max_grad_norm))
                 # Gradient norms are all-reduced under DDP, so every process takes the same decision.
                 finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
-                self.skipped += torch.stack([~torch.isfinite(loss.detach()), ~finite]).float()
-                for optimizer in trained:  # a non-finite step leaves everything as it was
-                    skip_step_unless(optimizer.optimizer, finite)
+                skip_step_unless(trained, finite)  # a non-finite step leaves everything as it was
                 if train_actor:
                     actor_optimizer.step()
                     if freezer is not None:
                         freezer.restore()
-                    with torch.no_grad():
-                        ratio = torch.exp(log_prob - minibatch[LOG_PROB])
-                        clipped += ((ratio - 1.0).abs() > hp.clip_epsilon).float().mean(0)
+                    log_ratios.append(log_prob.detach() - minibatch[LOG_PROB])
                 if train_critic:
                     critic_optimizer.step()
-                totals += torch.stack([policy_loss, value_loss, entropy]).detach().nan_to_num()
-        self.steps += hp.ppo_epochs * hp.num_minibatches
-        policy_loss, value_loss, entropy = totals / (hp.ppo_epochs * hp.num_minibatches)
+                losses.append(torch.stack([loss, policy_loss, value_loss, entropy]).detach())
+                finites.append(finite)
+        self.steps += len(losses)
+        parts = torch.stack(losses)
+        self.skipped += torch.stack([(~parts[:, 0].isfinite()).sum(), (~torch.stack(finites)).sum()])
+        policy_loss, value_loss, entropy = parts[:, 1:].nan_to_num().mean(0)
         stats: dict[str, Tensor] = {}
         if train_actor:
-            stats |= {"clip_fraction": clipped / (hp.ppo_epochs * hp.num_minibatches)}
+            outside = (torch.stack(log_ratios).exp() - 1.0).abs() > hp.clip_epsilon
+            stats |= {"clip_fraction": outside.float().mean((0, 1))}
             stats |= {"policy_loss": policy_loss, "entropy": entropy}
         if train_critic:
             stats["value_loss"] = value_loss

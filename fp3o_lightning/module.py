@@ -504,7 +504,9 @@ class FP3OModule(L.LightningModule):
         running = state.get("running_return", None if legacy is None else legacy.squeeze(-1))
         if running is not None:
             self._runtime["running_return"] = running.to(self.device, torch.float64)
-        self._collector._carrier.update(carrier.to(self._collector._carrier.device))
+        current = self._collector._carrier
+        # Older checkpoints' carriers also hold the distribution's parameters, no longer written.
+        current.update(carrier.select(*current.keys(True, True), strict=False).to(current.device))
         if state.get("critic_hidden") is not None:
             self.learner.critic_hidden = state["critic_hidden"].to(self.device)
 

@@ -11,15 +11,16 @@ from torch import Tensor
 def clip_grad_norm_per_agent(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
     """Clip the gradient of each agent's network (dim 0 of stacked parameters) to ``max_norm``.
 
-    Vectorised over agents; returns the per-agent norms before clipping, shape ``[n_agents]``. The squares
-    and the scaling are one ``torch._foreach`` call each over all the gradients (bit for bit the
-    per-tensor ops, without a Python call per tensor).
+    Vectorised over agents; returns the per-agent norms before clipping, shape ``[n_agents]``: one norm
+    over every gradient laid side by side per agent, and one ``torch._foreach`` scaling of them all (a
+    handful of ops whatever the number of parameter tensors).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    squares = torch._foreach_mul(grads, grads)
-    norms = torch.stack([s.flatten(1).sum(1) for s in squares]).sum(0).sqrt()
+    n_agents = grads[0].shape[0]
+    norms = torch.cat([g.reshape(n_agents, -1) for g in grads], 1).norm(dim=1)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, [coef.view(-1, *([1] * (g.dim() - 1))) for g in grads])
+    shaped = {dim: coef.view(-1, *([1] * (dim - 1))) for dim in {g.dim() for g in grads}}
+    torch._foreach_mul_(grads, [shaped[g.dim()] for g in grads])
     return norms
 
 
@@ -60,13 +61,18 @@ class AgentFreezer:
                     state[key].index_copy_(0, self.index, saved[key])
 
 
-def skip_step_unless(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
-    """Make the optimiser's next ``step()`` a no-op unless the 0-dim bool tensor ``finite`` is true.
+def skip_step_unless(
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], finite: Tensor
+) -> None:
+    """Make the optimisers' next ``step()`` a no-op unless the 0-dim bool tensor ``finite`` is true.
 
     No host sync: it sets the ``found_inf`` tensor that torch's fused optimisers read (the hook AMP's
     ``GradScaler`` uses), and the fused kernel then leaves parameters, moments and step counts as
-    they were. The optimiser must be built with ``fused=True``.
+    they were. The optimisers must be built with ``fused=True``.
     """
-    if not optimizer.defaults.get("fused"):
-        raise ValueError("skip_step_unless needs an optimiser built with fused=True")
-    optimizer.found_inf = (~finite).to(torch.float32)
+    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
+    if not all(optimizer.defaults.get("fused") for optimizer in optimizers):
+        raise ValueError("skip_step_unless needs optimisers built with fused=True")
+    found_inf = (~finite).to(torch.float32)
+    for optimizer in optimizers:
+        optimizer.found_inf = found_inf

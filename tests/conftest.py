@@ -78,10 +78,13 @@ def rollout_batch(module: FP3OModule, steps: int = 64):
 
 
 def assert_update_replays_the_rollout(module: FP3OModule, rollout) -> None:
-    """The log-probs the update recomputes equal the collector's, and every agent's update starts at
-    ratio exactly 1 (for a recurrent actor: the hidden states were carried and replayed right)."""
+    """The log-probs the update recomputes equal the collector's (for a recurrent actor: the hidden
+    states were carried and replayed right), and the policy measured on the batch before the update is
+    the batch's own, exactly: every agent's update starts at ratio 1 (which the schemes take as given)."""
     collected = rollout[LOG_PROB].reshape(-1, module.n_agents).clone()
     batch = module.learner.compute_advantages(rollout)[0]
     torch.testing.assert_close(batch[LOG_PROB], collected, rtol=0, atol=1e-4)
+    log_prob, kl = module.learner.measure(batch)
+    assert torch.equal(log_prob, batch[LOG_PROB]) and not kl.any()
     stats = module.scheme.update(module.learner, batch)
-    assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
+    assert all(torch.isfinite(value).all() for value in stats.values())

@@ -82,7 +82,7 @@ def test_agent_critic_and_agent_id_by_default(sharing: str) -> None:
     assert isinstance(module.critic, AgentCritic)
     observation_size = 9  # Hopper 3x1's largest observation
     first = module.policy.trunk[1]  # after the input LayerNorm
-    assert first.weight.shape[-1] == observation_size + module.n_agents
+    assert first.weight.shape[1] == observation_size + module.n_agents
     per_agent = sharing == "nops"
     assert module.value_normalizer.running_mean.shape == ((module.n_agents,) if per_agent else (1,))
     batch, _ = module.learner.compute_advantages(sampled_rollout(module, steps=16))
@@ -92,7 +92,7 @@ def test_agent_critic_and_agent_id_by_default(sharing: str) -> None:
 def test_team_critic_and_no_agent_id_options() -> None:
     module = small_module(sharing="nops", critic="team", agent_id=False)
     assert isinstance(module.critic, CentralCritic)
-    assert module.policy.trunk[1].weight.shape[-1] == 9
+    assert module.policy.trunk[1].weight.shape[1] == 9
     assert module.value_normalizer.running_mean.shape == (1,)
     batch, _ = module.learner.compute_advantages(sampled_rollout(module, steps=16))
     assert batch["advantage"].shape == (batch.numel(), 1)
@@ -151,7 +151,7 @@ def test_dead_agents_leave_the_policy_loss(active_masks: bool) -> None:
     loss = module.learner.minibatch_loss(batch, None, weight, True, False)
     changed = batch.clone()
     changed["advantage"][~alive] += 100.0
-    n_actions = module.policy.head[0].weight.shape[1]
+    n_actions = module.policy.head[0].weight.shape[-1]
     changed["agents", "action"][~alive] = (changed["agents", "action"][~alive] + 1) % n_actions
     other = module.learner.minibatch_loss(changed, None, weight, True, False)
     same = torch.equal(loss[1], other[1]) and torch.equal(loss[2], other[2])

@@ -33,13 +33,6 @@ class PhaseRecorder:
         return stats
 
 
-def test_independence_phase_starts_at_ratio_one(fitted_module):
-    batch = rollout_batch(fitted_module)
-    stats = fitted_module.scheme.update(fitted_module.learner, batch)
-    assert stats["start_ratio"].shape == (batch.numel(), fitted_module.n_agents)
-    assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
-
-
 @pytest.mark.parametrize("gate", [True, False])
 def test_dependence_phase_runs_only_where_the_gate_allows(fitted_module, monkeypatch, gate):
     module = fitted_module

@@ -60,7 +60,7 @@ def test_nops_agent_input_only_affects_that_agent():
 
 def test_nops_agents_start_different():
     policy = make("nops")
-    weight = next(p for p in policy.stacked_parameters() if p.dim() == 3)
+    weight = policy.trunk[1].weight  # the first linear layer's
     assert not torch.allclose(weight[0], weight[1])
 
 
@@ -161,6 +161,26 @@ def test_value_normalizer_loads_checkpoints_with_scalar_statistics():
     norm = ValueNormalizer()
     norm.load_state_dict(old)
     assert norm.mean_std()[0].tolist() == [2.0]
+
+
+@pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
+@pytest.mark.parametrize("actor_network", ["mlp", "rnn"])
+def test_networks_load_checkpoints_with_the_earlier_parameter_layout(sharing: str, actor_network: str):
+    """Before the agent-major layout, linear layers held weight [stacks, out, in] and bias [stacks, out],
+    LayerNorms weight and bias [stacks, features]: such state dicts load into the same networks."""
+    policy = make(sharing, actor_network=actor_network)
+    for parameter in policy.parameters():  # not the initial values, which many layers share
+        parameter.data.normal_()
+    old = {}
+    for name, value in policy.state_dict().items():
+        if name.endswith("weight") and value.dim() == 3 and value.shape[1] > 1:  # a linear layer
+            value = value.transpose(1, 2)
+        old[name] = value.squeeze(1) if value.dim() == 3 else value
+    loaded = make(sharing, actor_network=actor_network)
+    loaded.load_state_dict(old)
+    expected = policy.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[name]), name
 
 
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])

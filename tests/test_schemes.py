@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fp3o_lightning.keys import LOG_PROB
 from fp3o_lightning.module import FP3OModule
 from fp3o_lightning.optim import AgentFreezer
 
@@ -75,8 +76,13 @@ def test_happo_actor_phases_leave_the_critic_and_its_critic_phase_the_actors(sha
 
 @pytest.mark.parametrize("sharing", ["fups", "paps", "nops"])
 def test_fp3o_every_agent_starts_at_ratio_exactly_one(sharing):
+    """The batch's log-probs are the current policy's, bit for bit, so FP3O and MAPPO take the start
+    ratio as 1 without measuring it."""
     module = fitted("fp3o", sharing)
-    stats = module.scheme.update(module.learner, rollout_batch(module))
+    batch = rollout_batch(module)
+    log_prob, kl = module.learner.measure(batch)
+    assert torch.equal(log_prob, batch[LOG_PROB]) and not kl.any()
+    stats = module.scheme.update(module.learner, batch)
     assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
 
 
@@ -167,7 +173,7 @@ def test_mappo_is_one_phase_on_all_agents(monkeypatch):
     monkeypatch.setattr(module.learner, "ppo_phase", lambda *a, **k: calls.append(k) or original(*a, **k))
     stats = module.scheme.update(module.learner, rollout_batch(module))
     assert calls == [{}]  # factor 1, every agent, actor and critic together
-    assert torch.equal(stats["start_ratio"], torch.ones_like(stats["start_ratio"]))
+    assert stats["end_kl"].shape == stats["start_ratio"].shape
 
 
 def test_ippo_critic_is_decentralised():

@@ -7,7 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fp3o_lightning.nets.mlp import StackedGRU, gru_sequence, paper_mlp
+from fp3o_lightning.nets.mlp import (
+    StackedGRU,
+    from_agent_major,
+    gru_sequence,
+    paper_mlp,
+    to_agent_major,
+    with_agent_id,
+)
 
 
 class Critic(nn.Module):
@@ -89,6 +96,18 @@ class AgentCritic(Critic):
         self.n_agents, self.per_agent_input, self.append_id = n_agents, per_agent_input, append_id
         self.n_rows = n_agents
         self.register_buffer("agent_id", torch.eye(n_agents))
+
+    def forward(self, inputs: Tensor, hidden: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if self.recurrent or self.net.stacks == 1:
+            return super().forward(inputs, hidden)
+        # One MLP per agent: the rows are built straight in the stacked MLP's agent-major layout.
+        if self.per_agent_input:
+            rows, leading = to_agent_major(inputs, self.n_agents), inputs.shape[:-1]
+        else:
+            rows = inputs.reshape(1, -1, inputs.shape[-1]).expand(self.n_agents, -1, -1)
+            leading = (*inputs.shape[:-1], self.n_agents)
+        values = self.net.agent_major(with_agent_id(rows, self.agent_id if self.append_id else None))
+        return from_agent_major(values, leading).squeeze(-1)
 
     def rows(self, inputs: Tensor) -> Tensor:
         if not self.per_agent_input:

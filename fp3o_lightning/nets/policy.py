@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,10 +11,32 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torchrl.modules import IndependentNormal, MaskedCategorical
 
-from fp3o_lightning.nets.mlp import StackedGRU, gru_sequence, paper_mlp
+from fp3o_lightning.nets.mlp import (
+    StackedGRU,
+    from_agent_major,
+    gru_sequence,
+    paper_mlp,
+    to_agent_major,
+    with_agent_id,
+)
 
 SHARING = ("fups", "paps", "nops")
 ACTOR_NETWORKS = ("mlp", "rnn")
+LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+def gaussian_log_prob(loc: Tensor, scale: Tensor, value: Tensor) -> Tensor:
+    """``IndependentNormal(loc, scale).log_prob(value)`` (the last dimension is the event).
+
+    Written out because building the distribution objects (and validating their arguments) costs more
+    than this arithmetic for the paper's small action spaces, at every rollout step and minibatch.
+    """
+    return (-0.5 * ((value - loc) / scale).square() - scale.log() - LOG_SQRT_2PI).sum(-1)
+
+
+def gaussian_entropy(scale: Tensor) -> Tensor:
+    """``IndependentNormal(loc, scale).entropy()``, written out as :func:`gaussian_log_prob` is."""
+    return (scale.log() + (0.5 + LOG_SQRT_2PI)).sum(-1)
 
 
 class MultiAgentPolicy(nn.Module):
@@ -104,7 +127,7 @@ class MultiAgentPolicy(nn.Module):
         hidden state for a recurrent actor (which needs ``hidden`` and ``is_init`` ``[..., 1]``).
         """
         if not self.recurrent:
-            return self._head(self.trunk(self._inputs(observation)), action_mask)
+            return self._params(self._mlp(observation), action_mask)
         outputs = self.sequence(
             observation.unsqueeze(-3),
             hidden,
@@ -121,15 +144,24 @@ class MultiAgentPolicy(nn.Module):
         at the first step ``[n, n_agents, hidden]``, ``is_init [n, L, 1]``. Returns the parameters
         ``[n, L, n_agents, ...]`` and the hidden state after the last step."""
         outputs, hidden = gru_sequence(self.rnn, self.trunk(self._inputs(observation)), hidden, is_init)
-        return (*self._head(outputs, action_mask), hidden)
+        return (*self._params(self.head(outputs), action_mask), hidden)
 
     def _inputs(self, observation: Tensor) -> Tensor:
         if self.append_id:
             return torch.cat([observation, self.agent_id.expand(*observation.shape[:-1], -1)], -1)
         return observation
 
-    def _head(self, features: Tensor, action_mask: Tensor | None) -> tuple[Tensor, ...]:
-        out = self.head(features)
+    def _mlp(self, observation: Tensor) -> Tensor:
+        """The output layer's values on ``observation`` (MLP actor). With NoPS, trunk and head both run
+        agent-major, the observation entering that layout with its agent id in one ``cat``."""
+        if self.sharing != "nops":
+            return self.head(self.trunk(self._inputs(observation)))
+        agent_id = self.agent_id if self.append_id else None
+        x = with_agent_id(to_agent_major(observation, self.n_agents), agent_id)
+        return from_agent_major(self.head.agent_major(self.trunk.agent_major(x)), observation.shape[:-1])
+
+    def _params(self, out: Tensor, action_mask: Tensor | None) -> tuple[Tensor, ...]:
+        """The distribution's parameters from the output layer's values."""
         if self.discrete:
             return (out,)
         scale = (torch.sigmoid(self.log_std / self.std_x_coef) * self.std_y_coef).expand_as(out)
@@ -142,7 +174,32 @@ class MultiAgentPolicy(nn.Module):
         """The joint-action distribution, one event per agent (``log_prob`` is ``[..., n_agents]``)."""
         if self.discrete:
             return MaskedCategorical(logits=params[0], mask=action_mask)
-        return IndependentNormal(*params)
+        return IndependentNormal(*params, validate_args=False)  # the parameters are valid by construction
+
+    def log_prob(self, params: Sequence[Tensor], action: Tensor, action_mask: Tensor | None = None) -> Tensor:
+        """The log-probability ``[..., n_agents]`` of ``action`` under the distribution of ``params``."""
+        if self.discrete:
+            return self.make_distribution(params, action_mask).log_prob(action)
+        return gaussian_log_prob(*params, action)
+
+    def entropy(self, params: Sequence[Tensor], action_mask: Tensor | None = None) -> Tensor:
+        """The entropy ``[..., n_agents]`` of the distribution of ``params``."""
+        if self.discrete:
+            return self.make_distribution(params, action_mask).entropy()
+        return gaussian_entropy(params[1])
+
+    def sample(
+        self, params: Sequence[Tensor], action_mask: Tensor | None = None, deterministic: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """An action of the distribution of ``params`` (sampled, or its deterministic one: the mean, the
+        best valid action) and its log-probability."""
+        if self.discrete:
+            distribution = self.make_distribution(params, action_mask)
+            action = distribution.deterministic_sample if deterministic else distribution.sample()
+            return action, distribution.log_prob(action)
+        loc, scale = params
+        action = loc if deterministic else torch.normal(loc, scale)  # as Normal.sample draws
+        return action, gaussian_log_prob(loc, scale, action)
 
     def distribution(self, observation: Tensor, action_mask: Tensor | None = None) -> Distribution:
         """The distribution of an MLP actor at ``observation``."""

@@ -20,6 +20,9 @@ class UpdateScheme(ABC):
     and ``("agents", "scale")``, ``"state"``, ``"advantage"`` (normalised, ``[B, 1]`` for a team
     critic, ``[B, n_agents]`` for one value per agent), ``"value"`` (the critic's, normalised units) and
     ``"value_target"`` (GAE's return, denormalised: the value loss normalises it when it is used).
+    The log-probs and the Gaussian's parameters are the current policy's (``compute_advantages`` recomputes
+    them on the whole batch), so an update that starts from it starts at a ratio of exactly 1, without
+    measuring it again.
 
     Schemes drive a ``PPOLearner`` (``learner.ppo_phase``, ``learner.measure``) and return tensors to
     log, keyed by metric name, including the diagnostics ``start_ratio`` and ``end_kl`` (``[B, n_agents]``):

@@ -36,7 +36,6 @@ class FP3O(UpdateScheme):
 
     def update(self, learner: PPOLearner, batch: TensorDictBase) -> dict[str, Tensor]:
         old_log_prob = batch["agents", "action_log_prob"]
-        start_log_prob, _ = learner.measure(batch)
         independence = learner.ppo_phase(batch)
         middle_log_prob, kl_old_middle = learner.measure(batch)
         separated_agent, selected_agent = non_overlapping_selection(learner.n_agents, learner.generator)
@@ -50,7 +49,7 @@ class FP3O(UpdateScheme):
             dependence = learner.ppo_phase(batch, factor=factor)
             stats.update({f"{key}_dependence": value for key, value in dependence.items()})
         stats.update(
-            start_ratio=torch.exp(start_log_prob - old_log_prob),
+            start_ratio=torch.ones_like(old_log_prob),  # the batch's log-probs are this policy's
             end_kl=learner.measure(batch)[1],
             kl_old_middle=kl_old_middle.mean(0),
             gate=torch.tensor(float(gate)),

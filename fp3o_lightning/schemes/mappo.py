@@ -21,10 +21,9 @@ class MAPPO(UpdateScheme):
     name = "mappo"
 
     def update(self, learner: PPOLearner, batch: TensorDictBase) -> dict[str, Tensor]:
-        start_log_prob, _ = learner.measure(batch)
         stats = learner.ppo_phase(batch)
         stats.update(
-            start_ratio=torch.exp(start_log_prob - batch["agents", "action_log_prob"]),
+            start_ratio=torch.ones_like(batch["agents", "action_log_prob"]),  # see UpdateScheme
             end_kl=learner.measure(batch)[1],
         )
         return stats
