@@ -73,13 +73,15 @@ def log_tail(path: str, lines: int = TAIL_LINES) -> str:
         return ""
 
 
-def execute(job: Job, cwd: str) -> tuple[int, float, str]:
+def execute(job: Job, cwd: str, stop: str | None = None) -> tuple[int, float, str]:
     """Run ``job.command`` in ``cwd``, appending its output to ``job.log`` (runs inside a Ray worker).
 
-    The fit runs in its own session, so that a terminal's Ctrl-C does not reach it; when Ray cancels
-    this task, a SIGTERM makes ``fp3o fit`` finish its iteration, save ``last.ckpt`` and exit. (SIGTERM,
-    not SIGINT: Ray workers block SIGINT, and their children inherit the mask.) Returns (exit code,
-    seconds, the log's last lines).
+    The fit runs in its own session, so that a terminal's Ctrl-C does not reach it. When the driver
+    stops this task (the file ``stop`` appears, or Ray's cancel raises ``KeyboardInterrupt`` here), a
+    SIGTERM makes ``fp3o fit`` finish its iteration, save ``last.ckpt`` and exit, and the task reports
+    ``INTERRUPTED``. (SIGTERM, not SIGINT: Ray workers block SIGINT, and their children inherit the
+    mask. The file as well as the cancel: Ray's interrupt of a running task is not delivered in every
+    state of the worker.) Returns (exit code, seconds, the log's last lines).
     """
     if not os.path.isdir(cwd):
         message = f"fp3o sweep: the sweep's directory {cwd} does not exist on this Ray node; run sweeps "
@@ -94,15 +96,18 @@ def execute(job: Job, cwd: str) -> tuple[int, float, str]:
         child = subprocess.Popen(
             command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        stopped = False
         try:
-            while child.poll() is None:  # polling: Ray's cancel interrupts Python code, not a blocking wait
+            # polling: Ray's cancel interrupts Python code, not a blocking wait
+            while child.poll() is None and not (stopped := stop is not None and os.path.exists(stop)):
                 time.sleep(POLL_S)
-            code = child.returncode
-        except KeyboardInterrupt:  # ray.cancel: stop the fit cleanly and wait for its checkpoint
+        except KeyboardInterrupt:  # ray.cancel
+            stopped = True
+        if stopped:  # stop the fit cleanly and wait for its checkpoint
             child.send_signal(signal.SIGTERM)
             _wait_through_interrupts(child)
-            code = INTERRUPTED
-    return code, time.perf_counter() - start, log_tail(job.log)
+        stopped = stopped or (stop is not None and os.path.exists(stop))
+    return INTERRUPTED if stopped else child.returncode, time.perf_counter() - start, log_tail(job.log)
 
 
 def _wait_through_interrupts(child: subprocess.Popen) -> None:
@@ -162,6 +167,7 @@ def run_jobs(
     """
     import ray
 
+    token = f"{os.getpid()}-{time.time_ns()}"  # this sweep's stop files: stale ones stop nothing
     start_ray(resources)
     try:
         slots = capacity(resources, ray.cluster_resources())
@@ -174,7 +180,7 @@ def run_jobs(
             while (queue and not stopped) or running:
                 while queue and not stopped and len(running) < slots:
                     job = queue.popleft()
-                    running[task.remote(job, cwd)] = (job, time.monotonic())
+                    running[task.remote(job, cwd, stop_file(job, token))] = (job, time.monotonic())
                     on_start(job)
                 ready, _ = ray.wait(
                     list(running), num_returns=1, timeout=max(0.0, next_tick - time.monotonic())
@@ -185,26 +191,36 @@ def run_jobs(
                     on_end(outcomes[-1])
                     if fail_fast and not outcomes[-1].ok and not stopped:
                         stopped = True
-                        _cancel(running)
+                        _cancel(running, token)
                 if time.monotonic() >= next_tick:
                     on_tick({job: started for job, started in running.values()})
                     next_tick = time.monotonic() + tick_s
         except KeyboardInterrupt:
             interrupted = True
-            outcomes += _stop(running, on_end)
+            outcomes += _stop(running, on_end, token)
         return outcomes, interrupted
     finally:
         ray.shutdown()
+        for job in jobs:
+            Path(stop_file(job, token)).unlink(missing_ok=True)
 
 
-def _cancel(running: dict) -> None:
+def stop_file(job: Job, token: str) -> str:
+    """The file whose appearance stops ``job``'s running fit (next to its log, in the shared directory)."""
+    return f"{job.log}.stop-{token}"
+
+
+def _cancel(running: dict, token: str) -> None:
+    """Stop the running tasks (their fits save a checkpoint and exit) and drop the pending ones."""
     import ray
 
-    for ref in running:
+    for ref, (job, _) in running.items():
+        Path(stop_file(job, token)).parent.mkdir(parents=True, exist_ok=True)
+        Path(stop_file(job, token)).touch()
         ray.cancel(ref)
 
 
-def _stop(running: dict, on_end: Callable[[Outcome], None]) -> list[Outcome]:
+def _stop(running: dict, on_end: Callable[[Outcome], None], token: str) -> list[Outcome]:
     """Cancel the running tasks (each fit saves a checkpoint and exits) and wait for them."""
     import ray
 
@@ -213,7 +229,7 @@ def _stop(running: dict, on_end: Callable[[Outcome], None]) -> list[Outcome]:
         "(they save last.ckpt; the same sweep command resumes them)…",
         flush=True,
     )
-    _cancel(running)
+    _cancel(running, token)
     outcomes = []
     deadline = time.monotonic() + STOP_TIMEOUT_S
     for ref, (job, started) in running.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import pytest
 
 from fp3o_lightning import sweep
 from fp3o_lightning.sweep import SweepError, main, parse_grid, parse_tags, pending_runs, plan, report_hint
-from fp3o_lightning.sweep_ray import INTERRUPTED, Job, Outcome, Resources, capacity, run_jobs
+from fp3o_lightning.sweep_ray import INTERRUPTED, Job, Outcome, Resources, capacity, execute, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/mamujoco/halfcheetah_6x1.yaml")
@@ -299,6 +300,17 @@ def test_ray_fail_fast_stops_the_running_job_cleanly(tmp_path):
     assert by_key["graceful"].returncode == INTERRUPTED
     assert Path("stopped").read_text() == "checkpoint" and not Path("queued-ran").exists()
     assert "running" in Path(graceful.log).read_text()
+
+
+def test_a_stop_file_stops_the_running_fit_cleanly(tmp_path, monkeypatch):
+    """Without Ray: the driver's stop file makes the task send SIGTERM; the fit finishes its checkpoint
+    and the task reports it interrupted."""
+    monkeypatch.chdir(tmp_path)
+    job, stop = python_job("graceful", GRACEFUL, tmp_path), tmp_path / "graceful.stop"
+    threading.Timer(2.0, stop.touch).start()
+    code, seconds, tail = execute(job, str(tmp_path), str(stop))
+    assert code == INTERRUPTED and seconds < 60 and "running" in tail
+    assert Path("stopped").read_text() == "checkpoint"
 
 
 @pytest.mark.slow
