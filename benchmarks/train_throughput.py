@@ -92,6 +92,7 @@ def fit_throughput(model: dict[str, Any], iterations: int, accelerator: str) -> 
     start = time.perf_counter()
     trainer.fit(module)
     wall = time.perf_counter() - start
+    module.to(trainer.strategy.root_device)  # Lightning's teardown moved it back to the CPU
     gate = recorder.series("update/gate")  # FP3O: whether the dependence phase ran
     return FitThroughput(
         device=str(trainer.strategy.root_device),
@@ -103,6 +104,12 @@ def fit_throughput(model: dict[str, Any], iterations: int, accelerator: str) -> 
         policy_us_per_step=policy_us_per_step(module),
         update_gflop=update_flops(module, steady(gate) if gate else 1.0) / 1e9,
     )
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously to the host)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -117,11 +124,11 @@ def policy_us_per_step(module: FP3OModule, calls: int = 300) -> float:
     with set_exploration_type(ExplorationType.RANDOM):
         for _ in range(20):
             actor(tensordict)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(calls):
             actor(tensordict)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
     env.close()
     return 1e6 * elapsed / calls
