@@ -91,7 +91,7 @@ def measured_fit(model: dict[str, Any], iterations: int, accelerator: str) -> di
 def runs(args: argparse.Namespace) -> Iterator[tuple[dict[str, Any], Callable[[], dict[str, Any]]]]:
     """``(row, measure)`` for every run: the row's labels, and what measures its figures."""
     if not args.no_halfcheetah:
-        cheetah = read_model(str(HALFCHEETAH)) | NO_EVALUATION | {"compile_update": args.compile_update}
+        cheetah = read_model(str(HALFCHEETAH)) | NO_EVALUATION | speed_options(args)
         for accelerator in ["gpu", "cpu"] if args.accelerator == "gpu" else ["cpu"]:
             row = {
                 "run": "HalfCheetah 6x1 (paper)",
@@ -104,8 +104,7 @@ def runs(args: argparse.Namespace) -> Iterator[tuple[dict[str, Any], Callable[[]
         "rollout_length": args.rollout_length,
         "ppo_epochs": args.ppo_epochs,
         "num_minibatches": args.num_minibatches,
-        "compile_update": args.compile_update,
-    }
+    } | speed_options(args)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     for num_envs in args.vmas_envs:
         row = {"run": "VMAS balance env only", "accelerator": args.accelerator, "num_envs": num_envs}
@@ -117,6 +116,11 @@ def runs(args: argparse.Namespace) -> Iterator[tuple[dict[str, Any], Callable[[]
             model = base | {"num_envs": num_envs, "algorithm": algorithm}
             row = {"run": f"VMAS balance {algorithm}", "accelerator": args.accelerator, "num_envs": num_envs}
             yield row, functools.partial(measured_fit, model, args.iterations, args.accelerator)
+
+
+def speed_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The model options of every run that change its speed, not what it learns."""
+    return {"compile_update": args.compile_update, "matmul_precision": args.matmul_precision}
 
 
 def measured(row: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -172,6 +176,9 @@ def main() -> None:
     parser.add_argument("--ppo-epochs", type=int, default=5, help="VMAS PPO epochs")
     parser.add_argument("--num-minibatches", type=int, default=8, help="VMAS minibatches per epoch")
     parser.add_argument("--compile-update", action="store_true", help="model.compile_update everywhere")
+    parser.add_argument(
+        "--matmul-precision", default="highest", help="model.matmul_precision everywhere (high: TF32)"
+    )
     parser.add_argument("--no-halfcheetah", action="store_true", help="VMAS only")
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the figures here (after each run)"
@@ -189,8 +196,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "load_before": os.getloadavg()[0],
         "iterations": args.iterations,
-        "compile_update": args.compile_update,
-    }
+    } | speed_options(args)
     rows: list[dict[str, Any]] = []
     env_fps: dict[int, float] = {}
     start = time.perf_counter()
@@ -209,7 +215,8 @@ def main() -> None:
         f"\n{machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), load average {machine['load_before']:.2f} before, "
         f"{machine['load_after']:.2f} after, {time.perf_counter() - start:.0f} s; {args.iterations} timed "
-        f"iterations after 1 warm-up; compile_update={args.compile_update}"
+        f"iterations after 1 warm-up; compile_update={args.compile_update}, "
+        f"matmul_precision={args.matmul_precision}"
     )
     print(header())
     print("-" * len(header()))

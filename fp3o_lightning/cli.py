@@ -78,6 +78,7 @@ RESUMABLE = frozenset(
         "checkpoint_interval",
         "diagnostics_interval",
         "num_threads",
+        "matmul_precision",
         "compile_update",
         "nonfinite",
     }

@@ -51,6 +51,7 @@ TIME_LIMITS = ("terminal", "bootstrap")
 CRITICS = ("agent", "team")
 VALUE_NORM_UPDATES = ("minibatch", "iteration")
 ROLLOUT_DEVICES = ("env", "trainer")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 CRITIC_INPUTS = ("auto", "state", "state_and_observation")
 CRITIC_NETWORKS = ("auto", "mlp", "rnn")
 #: What a checkpoint written before an option existed was trained with (the package's behaviour then,
@@ -175,6 +176,11 @@ class FP3OModule(L.LightningModule):
         num_threads: torch's CPU threads in this process while it runs (``torch.set_num_threads``);
             the paper's small networks run fastest on one thread, and more threads than free cores
             slow everything down many times over. 0 leaves torch's setting as it is.
+        matmul_precision: ``torch.set_float32_matmul_precision`` while it runs: ``highest`` (default,
+            full float32 as the paper's code), ``high`` (TF32 tensor cores on NVIDIA Ampere and later:
+            faster float32 matrix products with a 10-bit mantissa) or ``medium`` (bfloat16 products).
+            Worth trying on a GPU with large batches (VMAS with thousands of environments); it
+            changes nothing on the CPU.
         rollout_device: where the collector runs the policy: ``env`` (default), where the environment
             simulates (a CPU copy of the policy, synchronised after every update, for MaMuJoCo, SMAX
             and SMACv2, so that a GPU learner costs no host-device round trip per step; the
@@ -228,6 +234,7 @@ class FP3OModule(L.LightningModule):
         checkpoint_interval: int = 50,
         nonfinite: str = "skip",
         num_threads: int = 1,
+        matmul_precision: str = "highest",
         compile_update: bool = False,
         rollout_device: str = "env",
     ) -> None:
@@ -348,6 +355,7 @@ class FP3OModule(L.LightningModule):
             "rollout_device": ROLLOUT_DEVICES,
             "critic_input": CRITIC_INPUTS,
             "critic_network": CRITIC_NETWORKS,
+            "matmul_precision": MATMUL_PRECISIONS,
         }
         for name, options in choices.items():
             if hp[name] not in options:
@@ -434,6 +442,7 @@ class FP3OModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.num_threads:
             torch.set_num_threads(self.hparams.num_threads)
+        torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         strategy = self.trainer.strategy
         if isinstance(strategy, DDPStrategy):
             # HAPPO's actor-only and critic-only phases (and frozen networks in general) leave

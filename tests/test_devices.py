@@ -184,3 +184,21 @@ def test_evaluation_follows_the_module_onto_cuda() -> None:
     second = module.evaluate()["returns"]
     assert module._runtime["eval_env"].device.type == "cuda" and torch.isfinite(second).all()
     assert first.shape == second.shape
+
+
+class MatmulPrecisionProbe(L.Callback):
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        module._runtime["seen_precision"] = torch.get_float32_matmul_precision()
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_matmul_precision_holds_while_the_run_trains(accelerator: str) -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        module = small_module(env=HOPPER, matmul_precision="high", total_frames=64, rollout_length=32)
+        fit_quietly(module, accelerator=accelerator, callbacks=[MatmulPrecisionProbe()])
+        assert module._runtime["seen_precision"] == "high"
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    finally:
+        torch.set_float32_matmul_precision(before)

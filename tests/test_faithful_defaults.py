@@ -113,7 +113,7 @@ def test_paps_heads_learn_at_n_agents_times_the_actor_rate(scale: bool) -> None:
     assert not head_ids & {id(p) for p in trunk["params"]}
 
 
-@pytest.mark.parametrize("option", ["time_limit", "critic", "value_norm_update"])
+@pytest.mark.parametrize("option", ["time_limit", "critic", "value_norm_update", "matmul_precision"])
 def test_unknown_option_values_name_the_choices(option: str) -> None:
     with pytest.raises(ValueError, match=f"model.{option}='nope' is unknown; choose one of"):
         small_module(**{option: "nope"})
