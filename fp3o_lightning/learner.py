@@ -36,7 +36,7 @@ from fp3o_lightning.objectives import (
     huber_value_loss,
     normalize_advantage,
 )
-from fp3o_lightning.optim import AgentFreezer, clip_grad_norm_per_agent, skip_step_unless
+from fp3o_lightning.optim import AgentFreezer, clip_gradients, skip_step_unless
 
 
 class PPOLearner:
@@ -332,14 +332,9 @@ class PPOLearner:
                 self.backward(loss)
                 norms = [zero]
                 if train_actor:
-                    if self.policy.per_agent_parameters:
-                        norms.append(clip_grad_norm_per_agent(self.policy.parameters(), hp.max_grad_norm))
-                    else:
-                        norms.append(
-                            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
-                        )
+                    norms.append(clip_gradients(self.policy, hp.max_grad_norm))
                 if train_critic:
-                    norms.append(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), hp.max_grad_norm))
+                    norms.append(clip_gradients(self.critic, hp.max_grad_norm))
                 # Gradient norms are all-reduced under DDP, so every process takes the same decision.
                 finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
                 skip_step_unless(trained, finite)  # a non-finite step leaves everything as it was

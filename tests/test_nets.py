@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fp3o_lightning.nets import AgentCritic, CentralCritic, MultiAgentPolicy, ValueNormalizer
-from fp3o_lightning.optim import clip_grad_norm_per_agent
+from fp3o_lightning.optim import clip_grad_norm_per_agent, clip_gradients
 
 N_AGENTS, OBS, ACT = 3, 7, 2
 
@@ -120,6 +120,36 @@ def test_clip_grad_norm_per_agent():
     norms = clip_grad_norm_per_agent(params, max_norm=1.0)
     torch.testing.assert_close(norms, torch.tensor([5.0, 0.5]))
     torch.testing.assert_close(params[0].grad, torch.tensor([[0.6, 0.8], [0.3, 0.4]]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("critic", "per_agent"),
+    [
+        (AgentCritic(N_AGENTS, OBS, "nops"), True),  # one critic per agent: clipped per agent
+        (AgentCritic(N_AGENTS, OBS, "nops", recurrent=True), True),
+        (AgentCritic(N_AGENTS, OBS, "fups"), False),  # one shared critic: clipped as a whole
+        (CentralCritic(OBS), False),
+    ],
+    ids=["nops", "nops-rnn", "fups", "team"],
+)
+def test_critic_gradients_are_clipped_per_agent_when_each_agent_has_its_own(critic, per_agent: bool) -> None:
+    """As the paper's code clips each agent's separate critic: a large gradient on agent 0's critic
+    does not shrink the others' (with a shared critic, the whole gradient is clipped)."""
+    for p in critic.parameters():
+        p.grad = torch.full_like(p, 1e-3 if per_agent else 1.0)
+        if per_agent:
+            p.grad[0] = 1.0  # agent 0's critic
+    before = [p.grad.clone() for p in critic.parameters()]
+    norms = clip_gradients(critic, max_norm=1.0)
+    assert norms.shape == ((N_AGENTS,) if per_agent else ())
+    after = [p.grad for p in critic.parameters()]
+    if per_agent:
+        clipped = torch.cat([g[0].reshape(-1) for g in after]).norm()
+        torch.testing.assert_close(clipped, torch.tensor(1.0), rtol=1e-4, atol=0)
+        for b, a in zip(before, after, strict=True):
+            torch.testing.assert_close(a[1:], b[1:])  # the other agents' gradients as they were
+    else:
+        torch.testing.assert_close(torch.cat([g.reshape(-1) for g in after]).norm(), torch.tensor(1.0))
 
 
 def test_invalid_sharing():

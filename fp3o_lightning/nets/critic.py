@@ -27,13 +27,19 @@ class Critic(nn.Module):
 
     def __init__(self, in_features: int, stacks: int, hidden_size: int, depth: int, recurrent: bool) -> None:
         super().__init__()
-        self.recurrent, self.hidden_size = recurrent, hidden_size
+        self.recurrent, self.hidden_size, self.stacks = recurrent, hidden_size, stacks
         if not recurrent:
             self.net = paper_mlp(in_features, 1, depth, hidden_size, out_gain=1.0, stacks=stacks)
             return
         self.trunk = paper_mlp(in_features, None, depth, hidden_size, stacks=stacks)
         self.rnn = StackedGRU(stacks, hidden_size if depth else in_features, hidden_size)
         self.head = paper_mlp(hidden_size, 1, 0, input_norm=False, out_gain=1.0, stacks=stacks)
+
+    @property
+    def per_agent_parameters(self) -> bool:
+        """True when every agent has its own critic (stacked parameters), so gradients are clipped per
+        agent, as the paper's code clips each agent's separate critic."""
+        return self.stacks > 1
 
     def rows(self, inputs: Tensor) -> Tensor:
         raise NotImplementedError
