@@ -28,6 +28,14 @@ class Slow(L.Callback):
         time.sleep(1.0)
 
 
+class TermDuringEvaluation(L.Callback):
+    """Sends this process SIGTERM while the evaluation after iteration 2 runs."""
+
+    def on_validation_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.iteration >= 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, signum):
     process = subprocess.Popen(
@@ -60,3 +68,32 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, s
     frames = [m.step for m in client.get_metric_history(run.info.run_id, "train/iteration")]
     assert run.info.status == "FINISHED"
     assert stopped_at < 15 and sorted(set(frames)) == list(range(100, 1501, 100))  # the count continued
+
+
+def test_sigterm_during_evaluation_stops_cleanly(tmp_path):
+    """Lightning raises after an evaluation that saw SIGTERM (a FAILED run); the stop must be clean."""
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fp3o_lightning.cli",
+            *ARGS,
+            "--model.total_frames=1500",
+            "--model.eval_interval=1",
+            "--trainer.callbacks+=tests.test_interrupt.TermDuringEvaluation",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = process.stdout + process.stderr
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: stopped after iteration 2 " in output, output[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fp3o").experiment_id])
+    assert run.info.status == "KILLED"
+    evaluated = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")]
+    assert 200 in evaluated  # the evaluation it interrupted (after iteration 2, 200 frames) was logged
+    assert list(tmp_path.glob("checkpoints/*/last.ckpt"))

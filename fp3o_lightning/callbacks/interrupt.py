@@ -36,10 +36,19 @@ class GracefulStop(L.Callback):
         rank_zero_info("\nCtrl-C: finishing this iteration and saving a checkpoint (Ctrl-C again to abort)")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._stop_if_requested(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A signal during the evaluation that follows an iteration stops there too: Lightning would
+        otherwise raise after the evaluation and mark the run FAILED."""
+        if trainer.state.fn == "fit":
+            self._stop_if_requested(trainer, pl_module)
+
+    def _stop_if_requested(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.received_sigterm:
             self.requested = "SIGTERM"
             trainer._signal_connector.received_sigterm = False  # we stop cleanly instead of raising
-        if not self.requested:
+        if not self.requested or trainer.should_stop:
             return
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, IterationCheckpoint):
