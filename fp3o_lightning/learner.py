@@ -170,7 +170,7 @@ class PPOLearner:
         keys = [OBSERVATION, ACTION, "state"] + [ACTION_MASK] * self.masked + [ALIVE] * self.alive
         recurrent = self.policy.recurrent or self.critic.recurrent
         keys += [HIDDEN] * self.policy.recurrent + [IS_INIT] * recurrent
-        batch = rollout.select(*keys).to(self.device)
+        batch = rollout.select(*keys)
         if self.critic.recurrent:
             batch[CRITIC_HIDDEN] = critic_hidden
         batch["advantage"] = normalize_advantage(advantage)

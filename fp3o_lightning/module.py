@@ -173,10 +173,12 @@ class FP3OModule(L.LightningModule):
             rewards), a loss or a gradient: ``skip`` the affected update (the parameters never see
             it; a warning names where, and ``train/skipped_updates`` counts them) or ``stop`` the run
             with an error naming where.
-        num_threads: torch's CPU threads in this process while it runs (``torch.set_num_threads``);
+        num_threads: torch's CPU threads in this process from when the module is built
+            (``torch.set_num_threads``, so that every fit in the process rounds alike);
             the paper's small networks run fastest on one thread, and more threads than free cores
             slow everything down many times over. 0 leaves torch's setting as it is.
-        matmul_precision: ``torch.set_float32_matmul_precision`` while it runs: ``highest`` (default,
+        matmul_precision: ``torch.set_float32_matmul_precision`` while it runs (the process's own
+            setting is given back at the end): ``highest`` (default,
             full float32 as the paper's code), ``high`` (TF32 tensor cores on NVIDIA Ampere and later:
             faster float32 matrix products with a 10-bit mantissa) or ``medium`` (bfloat16 products).
             Worth trying on a GPU with large batches (VMAS with thousands of environments); it
@@ -440,6 +442,7 @@ class FP3OModule(L.LightningModule):
         return env
 
     def setup(self, stage: str) -> None:
+        self._runtime["matmul_precision_before"] = torch.get_float32_matmul_precision()
         if self.hparams.num_threads:
             torch.set_num_threads(self.hparams.num_threads)
         torch.set_float32_matmul_precision(self.hparams.matmul_precision)
@@ -450,6 +453,11 @@ class FP3OModule(L.LightningModule):
             # look for them. Lightning's hook runs before the strategy wraps the module, so the user's
             # plain ``--trainer.strategy ddp`` works; the option has no public setter after construction.
             strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    def teardown(self, stage: str) -> None:
+        """Give the process back the matmul precision ``setup`` found."""
+        if "matmul_precision_before" in self._runtime:
+            torch.set_float32_matmul_precision(self._runtime.pop("matmul_precision_before"))
 
     def on_fit_start(self) -> None:
         """Build the collector once the module is on its device; seeds are offset by global rank.

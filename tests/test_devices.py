@@ -199,6 +199,8 @@ def test_matmul_precision_holds_while_the_run_trains(accelerator: str) -> None:
         module = small_module(env=HOPPER, matmul_precision="high", total_frames=64, rollout_length=32)
         fit_quietly(module, accelerator=accelerator, callbacks=[MatmulPrecisionProbe()])
         assert module._runtime["seen_precision"] == "high"
+        # given back when the run ends: a notebook's later work is not changed behind its back
+        assert torch.get_float32_matmul_precision() == "highest"
         assert all(torch.isfinite(p).all() for p in module.parameters())
     finally:
         torch.set_float32_matmul_precision(before)
