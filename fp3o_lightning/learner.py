@@ -53,7 +53,7 @@ class PPOLearner:
         masked: the batch carries an action mask.
         chunk_length: steps per replayed sequence (1 unless a network is recurrent).
         generator: the seeded generator of minibatch orders (and of the schemes' agent orders).
-        optimizers: the actor's and the critic's optimisers, in that order (Lightning's wrappers).
+        optimizer: the one optimiser of the actors and the critic (Lightning's wrapper).
         backward: backpropagates a loss under the Trainer's strategy and precision.
         all_reduce_sum, world_size: the sum over DDP processes and their number.
     """
@@ -71,7 +71,7 @@ class PPOLearner:
         masked: bool,
         chunk_length: int,
         generator: torch.Generator,
-        optimizers: Callable[[], Sequence[LightningOptimizer]],
+        optimizer: Callable[[], LightningOptimizer],
         backward: Callable[[Tensor], None],
         all_reduce_sum: Callable[[Tensor], Tensor],
         world_size: Callable[[], int],
@@ -80,7 +80,7 @@ class PPOLearner:
         self.hparams = hparams
         self.param_keys, self.critic_keys = tuple(param_keys), tuple(critic_keys)
         self.alive, self.masked, self.chunk_length, self.generator = alive, masked, chunk_length, generator
-        self.optimizers, self.backward = optimizers, backward
+        self.optimizer, self.backward = optimizer, backward
         self.all_reduce_sum, self.world_size = all_reduce_sum, world_size
         self.n_agents = policy.n_agents
         self._compiled_loss: Any = None
@@ -285,7 +285,7 @@ class PPOLearner:
         actors) and the mean value loss (when training the critic), without host syncs.
         """
         hp = self.hparams
-        actor_optimizer, critic_optimizer = self.optimizers()
+        optimizer = self.optimizer()
         chunk = self.chunk_length
         sequences = batch.numel() // chunk
         steps = torch.arange(chunk, device=self.device)
@@ -295,12 +295,7 @@ class PPOLearner:
         agent_weight = mask if self.policy.per_agent_parameters else mask / mask.sum()
         freezer = None
         if train_actor and agents is not None and not bool(agents.all()):
-            freezer = AgentFreezer(self.policy.stacked_parameters(), actor_optimizer.optimizer, ~agents)
-        trained = [
-            opt.optimizer
-            for opt, on in ((actor_optimizer, train_actor), (critic_optimizer, train_critic))
-            if on
-        ]
+            freezer = AgentFreezer(self.policy.stacked_parameters(), optimizer.optimizer, ~agents)
         if self.skipped.device != self.device:  # the module moved since the last reset
             self.reset_counters()
         zero = torch.zeros((), device=self.device)
@@ -326,9 +321,8 @@ class PPOLearner:
                     train_actor,
                     train_critic,
                 )
-                actor_optimizer.zero_grad()
-                critic_optimizer.zero_grad()
-                # Actor and critic graphs are disjoint: one backward serves both optimisers.
+                # The network a phase does not train keeps gradients of None, which Adam skips.
+                optimizer.zero_grad()
                 self.backward(loss)
                 norms = [zero]
                 if train_actor:
@@ -337,14 +331,12 @@ class PPOLearner:
                     norms.append(clip_gradients(self.critic, hp.max_grad_norm))
                 # Gradient norms are all-reduced under DDP, so every process takes the same decision.
                 finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
-                skip_step_unless(trained, finite)  # a non-finite step leaves everything as it was
+                skip_step_unless(optimizer.optimizer, finite)  # a non-finite step changes nothing
+                optimizer.step()
+                if freezer is not None:
+                    freezer.restore()
                 if train_actor:
-                    actor_optimizer.step()
-                    if freezer is not None:
-                        freezer.restore()
                     log_ratios.append(log_prob.detach() - minibatch[LOG_PROB])
-                if train_critic:
-                    critic_optimizer.step()
                 losses.append(torch.stack([loss, policy_loss, value_loss, entropy]).detach())
                 finites.append(finite)
         self.steps += len(losses)

@@ -309,7 +309,7 @@ class FP3OModule(L.LightningModule):
             masked=self.masked,
             chunk_length=self.chunk_length,
             generator=self.generator,
-            optimizers=self.optimizers,
+            optimizer=self.optimizers,
             backward=self.manual_backward,
             all_reduce_sum=self.all_reduce_sum,
             world_size=lambda: self.trainer.world_size,
@@ -588,23 +588,23 @@ class FP3OModule(L.LightningModule):
             callbacks.append(BestEvalCheckpoint())
         return callbacks
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """Adam for the actors and for the critic (eps 1e-5). With PaPS and ``paps_head_lr_scale``, the
-        per-agent heads and log-stds form a second group at ``actor_lr x n_agents``, as in the paper's
-        code (whose loss averages the agents' heads). Fused: one kernel per step, and it can skip a
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One Adam (eps 1e-5) with a parameter group for the actors and one for the critic at their own
+        learning rates: a minibatch costs one optimiser step, and a phase that trains one network leaves
+        the other's gradients ``None``, which Adam skips. With PaPS and ``paps_head_lr_scale``, the
+        per-agent heads and log-stds form a further group at ``actor_lr x n_agents``, as in the paper's
+        code (whose loss averages the agents' heads). Fused: one kernel per group, and it can skip a
         non-finite step without a host sync."""
         hp = self.hparams
-        actor_groups: list[dict[str, Any]] = [{"params": list(self.policy.parameters())}]
+        groups: list[dict[str, Any]] = [{"params": list(self.policy.parameters())}]
         if hp.sharing == "paps" and hp.paps_head_lr_scale:
             heads = {id(p) for p in self.policy.head_parameters()}
-            actor_groups = [
+            groups = [
                 {"params": [p for p in self.policy.parameters() if id(p) not in heads]},
                 {"params": self.policy.head_parameters(), "lr": hp.actor_lr * self.n_agents},
             ]
-        return [
-            torch.optim.Adam(actor_groups, lr=hp.actor_lr, eps=1e-5, fused=True),
-            torch.optim.Adam(self.critic.parameters(), lr=hp.critic_lr, eps=1e-5, fused=True),
-        ]
+        groups.append({"params": list(self.critic.parameters()), "lr": hp.critic_lr})
+        return torch.optim.Adam(groups, lr=hp.actor_lr, eps=1e-5, fused=True)
 
     # ------------------------------------------------------------------ iteration
 
@@ -809,6 +809,9 @@ class FP3OModule(L.LightningModule):
                 }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("optimizer_states")
+        if states and len(states) == 2:  # written before the actor's and critic's Adams became one
+            checkpoint["optimizer_states"] = [merge_optimizer_states(states)]
         state = checkpoint.get("fp3o", {})
         self.iteration = state.get("iteration", 0)
         self.frames = state.get("frames", 0)
@@ -820,6 +823,20 @@ class FP3OModule(L.LightningModule):
         # not where the checkpoint's epoch ended: Lightning restores that from "is_last_batch".
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
         progress["is_last_batch"] = False
+
+
+def merge_optimizer_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One optimiser's ``state_dict`` from several, in order: their groups one after another, with the
+    parameter indices of each shifted past the ones before (as ``torch.optim`` numbers them)."""
+    merged: dict[str, Any] = {"state": {}, "param_groups": []}
+    offset = 0
+    for state in states:
+        count = sum(len(group["params"]) for group in state["param_groups"])
+        for group in state["param_groups"]:
+            merged["param_groups"].append({**group, "params": [i + offset for i in group["params"]]})
+        merged["state"].update({i + offset: value for i, value in state["state"].items()})
+        offset += count
+    return merged
 
 
 def legacy_hparams(saved: dict[str, Any]) -> dict[str, Any]:

@@ -102,7 +102,9 @@ def test_team_critic_and_no_agent_id_options() -> None:
 def test_paps_heads_learn_at_n_agents_times_the_actor_rate(scale: bool) -> None:
     module = small_module(sharing="paps", paps_head_lr_scale=scale, actor_lr=1e-3)
     trainer = fit_quietly(module)
-    groups = trainer.optimizers[0].param_groups
+    (optimizer,) = trainer.optimizers
+    *groups, critic = optimizer.param_groups
+    assert critic["lr"] == module.hparams.critic_lr and critic["params"] == list(module.critic.parameters())
     if not scale:
         assert len(groups) == 1 and groups[0]["lr"] == 1e-3
         return

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import lightning as L
 import mlflow
 import pytest
+import torch
 
 from fp3o_lightning.cli import main
+
+from .conftest import small_module
 
 ENV = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 50}
 ARGS = [
@@ -116,3 +120,51 @@ def test_a_checkpoint_without_its_mlflow_store_resumes_into_a_new_run(tmp_path, 
         main([*ARGS, "--model.total_frames=200", "--model.eval_interval=0", "--ckpt_path=last", store])
     runs, metrics = run_metrics(other)
     assert runs == 1 and sorted(metrics["train/episode_return"]) == [200]
+
+
+@pytest.mark.parametrize("sharing", ["nops", "paps"])
+def test_separate_actor_and_critic_adams_of_older_checkpoints_continue_in_the_one_adam(sharing):
+    """Checkpoints written before the two Adams became one hold two optimiser states; merged, the one
+    Adam steps every parameter exactly as the two would have."""
+    module = small_module(sharing=sharing)
+    *actor_groups, critic_group = module.configure_optimizers().param_groups
+    old = [
+        torch.optim.Adam(
+            [{"params": g["params"], "lr": g["lr"]} for g in actor_groups], eps=1e-5, fused=True
+        ),
+        torch.optim.Adam(critic_group["params"], lr=critic_group["lr"], eps=1e-5, fused=True),
+    ]
+    parameters = list(module.policy.parameters()) + list(module.critic.parameters())
+    critic = set(module.critic.parameters())
+    generator = torch.Generator().manual_seed(0)
+
+    def step(optimizers, gradients):
+        for p, gradient in zip(parameters, gradients, strict=True):
+            p.grad = gradient.clone() if gradient is not None else None
+        for optimizer in optimizers:
+            optimizer.step()
+
+    def gradients(critic_too=True):
+        return [
+            None if p in critic and not critic_too else torch.randn(p.shape, generator=generator)
+            for p in parameters
+        ]
+
+    step(old, gradients())
+    step(old, gradients(critic_too=False))  # the critic's step count now lags the actor's
+    checkpoint = {"optimizer_states": [o.state_dict() for o in old]}
+    module.on_load_checkpoint(checkpoint)
+    (merged,) = checkpoint["optimizer_states"]
+    new = module.configure_optimizers()
+    new.load_state_dict(copy.deepcopy(merged))
+
+    last = gradients()
+    saved = [p.detach().clone() for p in parameters]
+    step(old, last)
+    expected = [p.detach().clone() for p in parameters]
+    with torch.no_grad():
+        for p, value in zip(parameters, saved, strict=True):
+            p.copy_(value)
+    step([new], last)
+    assert all(torch.equal(p, e) for p, e in zip(parameters, expected, strict=True))
+    assert not all(torch.equal(p, s) for p, s in zip(parameters, saved, strict=True))
