@@ -83,6 +83,11 @@ class PPOLearner:
         self.optimizer, self.backward = optimizer, backward
         self.all_reduce_sum, self.world_size = all_reduce_sum, world_size
         self.n_agents = policy.n_agents
+        # Parameter lists taken once (they keep their identity when the module changes device).
+        self.clipped = {
+            network: (list(network.parameters()), network.per_agent_parameters)
+            for network in (policy, critic)
+        }
         self._compiled_loss: Any = None
         #: A recurrent critic's hidden state after the last rollout ``[num_envs, rows, hidden]``.
         self.critic_hidden: Tensor | None = None
@@ -325,10 +330,9 @@ class PPOLearner:
                 optimizer.zero_grad()
                 self.backward(loss)
                 norms = [zero]
-                if train_actor:
-                    norms.append(clip_gradients(self.policy, hp.max_grad_norm))
-                if train_critic:
-                    norms.append(clip_gradients(self.critic, hp.max_grad_norm))
+                for network in [self.policy] * train_actor + [self.critic] * train_critic:
+                    parameters, per_agent = self.clipped[network]
+                    norms.append(clip_gradients(parameters, hp.max_grad_norm, per_agent))
                 # Gradient norms are all-reduced under DDP, so every process takes the same decision.
                 finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
                 skip_step_unless(optimizer.optimizer, finite)  # a non-finite step changes nothing

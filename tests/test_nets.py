@@ -140,7 +140,8 @@ def test_critic_gradients_are_clipped_per_agent_when_each_agent_has_its_own(crit
         if per_agent:
             p.grad[0] = 1.0  # agent 0's critic
     before = [p.grad.clone() for p in critic.parameters()]
-    norms = clip_gradients(critic, max_norm=1.0)
+    assert critic.per_agent_parameters == per_agent
+    norms = clip_gradients(list(critic.parameters()), 1.0, critic.per_agent_parameters)
     assert norms.shape == ((N_AGENTS,) if per_agent else ())
     after = [p.grad for p in critic.parameters()]
     if per_agent:
