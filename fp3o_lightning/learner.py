@@ -8,7 +8,7 @@ schemes (FP3O's phases, HAPPO's sequence, MAPPO's single phase) drive. Nothing h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,20 @@ from fp3o_lightning.objectives import (
     normalize_advantage,
 )
 from fp3o_lightning.optim import AgentFreezer, clip_gradients, skip_step_unless
+
+Minibatch = Mapping[Any, Tensor]
+"""A minibatch as a plain mapping of the update batch's leaf keys (nested ones as tuples) to tensors."""
+
+
+def split_minibatches(batch: TensorDictBase, index: Tensor, size: int) -> list[Minibatch]:
+    """``batch``'s rows at ``index``, in slices of ``size`` rows, as plain mappings.
+
+    One gather per key and epoch. Plain mappings rather than TensorDicts because a minibatch step reads
+    a dozen keys: a TensorDict lookup costs microseconds each, and under ``torch.compile`` its structure
+    adds guards that every call checks, against a dict's handful.
+    """
+    leaves = {key: value[index].split(size) for key, value in batch.items(True, True)}
+    return [dict(zip(leaves, parts, strict=True)) for parts in zip(*leaves.values(), strict=True)]
 
 
 class PPOLearner:
@@ -102,7 +116,7 @@ class PPOLearner:
         self.skipped = torch.zeros(2, device=self.device)  # non-finite [losses, gradients]
         self.steps = 0
 
-    def critic_inputs(self, tensordict: TensorDictBase) -> Tensor:
+    def critic_inputs(self, tensordict: TensorDictBase | Minibatch) -> Tensor:
         """The critic's input: its one key, or the state beside each agent's observation."""
         if len(self.critic_keys) == 1:
             return tensordict[self.critic_keys[0]]
@@ -110,7 +124,7 @@ class PPOLearner:
         state = state.unsqueeze(-2).expand(*observation.shape[:-1], state.shape[-1])
         return torch.cat([state, observation], -1)
 
-    def values(self, tensordict: TensorDictBase) -> Tensor:
+    def values(self, tensordict: TensorDictBase | Minibatch) -> Tensor:
         """Critic values in normalised units, ``[..., 1]`` (team) or ``[..., n_agents]`` (per agent).
 
         A recurrent critic reads a flat update batch (or minibatch) as sequences of ``chunk_length``
@@ -197,7 +211,7 @@ class PPOLearner:
         moments = self.value_normalizer.moments(target)
         self.value_normalizer.update(self.all_reduce_sum(moments) / self.world_size())
 
-    def distribution_params(self, batch: TensorDictBase) -> tuple[Tensor, ...]:
+    def distribution_params(self, batch: TensorDictBase | Minibatch) -> tuple[Tensor, ...]:
         """The current policy's distribution parameters on a flat update batch (or a minibatch of
         whole sequences)."""
         return self.policy.batch_params(
@@ -221,7 +235,7 @@ class PPOLearner:
 
     def minibatch_loss(
         self,
-        minibatch: TensorDictBase,
+        minibatch: Minibatch,
         factor: Tensor | None,
         agent_weight: Tensor,
         train_actor: bool,
@@ -312,7 +326,7 @@ class PPOLearner:
             order = torch.randperm(sequences, generator=self.generator).to(self.device)
             # Shuffled whole sequences, gathered once per epoch; minibatches are slices of them.
             index = (order.unsqueeze(-1) * chunk + steps).reshape(-1)
-            minibatches = batch[index].split(size)  # one TensorDict call per epoch, not one per minibatch
+            minibatches = split_minibatches(batch, index, size)
             factors = [None] * len(minibatches) if factor is None else factor[index].split(size)
             for minibatch, minibatch_factor in zip(minibatches, factors, strict=True):
                 if train_critic and hp.value_norm_update == "minibatch":
