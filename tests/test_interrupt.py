@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import pytest
+from lightning.pytorch.callbacks import Checkpoint
 
 from fp3o_lightning.cli import main
 
@@ -26,6 +27,15 @@ class Slow(L.Callback):
 
     def on_train_batch_end(self, *args) -> None:
         time.sleep(1.0)
+
+
+class TermAfterTheStopCheck(Checkpoint):
+    """Sends this process SIGTERM at the end of iteration 2, after ``GracefulStop`` has looked for one
+    (Lightning runs ``Checkpoint`` callbacks last), where Lightning's own check would raise."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class TermDuringEvaluation(L.Callback):
@@ -70,8 +80,18 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, s
     assert stopped_at < 15 and sorted(set(frames)) == list(range(100, 1501, 100))  # the count continued
 
 
-def test_sigterm_during_evaluation_stops_cleanly(tmp_path):
-    """Lightning raises after an evaluation that saw SIGTERM (a FAILED run); the stop must be clean."""
+@pytest.mark.parametrize(
+    ("callback", "options", "stopped_at"),
+    [
+        ("TermDuringEvaluation", ["--model.eval_interval=1"], 2),
+        ("TermAfterTheStopCheck", ["--model.eval_interval=0"], 3),
+    ],
+    ids=["during-evaluation", "after-the-stop-check"],
+)
+def test_sigterm_anywhere_in_an_iteration_stops_cleanly(tmp_path, callback, options, stopped_at):
+    """Lightning raises (a FAILED run, the iteration lost) when it sees SIGTERM at one of its own checks:
+    after an evaluation, or after the callbacks of an iteration. The stop must be clean wherever the
+    signal lands: at the next iteration boundary (right after the evaluation it interrupted)."""
     process = subprocess.run(
         [
             sys.executable,
@@ -79,8 +99,8 @@ def test_sigterm_during_evaluation_stops_cleanly(tmp_path):
             "fp3o_lightning.cli",
             *ARGS,
             "--model.total_frames=1500",
-            "--model.eval_interval=1",
-            "--trainer.callbacks+=tests.test_interrupt.TermDuringEvaluation",
+            *options,
+            f"--trainer.callbacks+=tests.test_interrupt.{callback}",
         ],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
@@ -90,10 +110,11 @@ def test_sigterm_during_evaluation_stops_cleanly(tmp_path):
     )
     output = process.stdout + process.stderr
     assert process.returncode == 0, output[-3000:]
-    assert "SIGTERM: stopped after iteration 2 " in output, output[-3000:]
+    assert f"SIGTERM: stopped after iteration {stopped_at} " in output, output[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("fp3o").experiment_id])
     assert run.info.status == "KILLED"
-    evaluated = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")]
-    assert 200 in evaluated  # the evaluation it interrupted (after iteration 2, 200 frames) was logged
-    assert list(tmp_path.glob("checkpoints/*/last.ckpt"))
+    assert list(tmp_path.glob(f"checkpoints/*/iteration={stopped_at}.ckpt"))
+    if "--model.eval_interval=1" in options:
+        evaluated = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")]
+        assert 200 in evaluated  # the evaluation it interrupted (after iteration 2, 200 frames) was logged

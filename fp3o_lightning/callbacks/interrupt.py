@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -22,12 +23,15 @@ class GracefulStop(L.Callback):
 
     def __init__(self) -> None:
         self.requested: str | None = None
-        self._previous_sigint: Any = None
+        self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.requested = None
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {
+                signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, partial(self._on_sigterm, trainer)),
+            }
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -35,17 +39,28 @@ class GracefulStop(L.Callback):
         self.requested = "Ctrl-C"
         rank_zero_info("\nCtrl-C: finishing this iteration and saving a checkpoint (Ctrl-C again to abort)")
 
+    def _on_sigterm(self, trainer: L.Trainer, signum: int, frame: Any) -> None:
+        """Lightning's handler (it logs the signal and passes it on to DDP's worker processes), then a
+        request for a clean stop. Lightning's flag is cleared here rather than at the iteration's end,
+        as its loops check it at points after this callback's hooks (a signal there would raise, lose
+        the iteration and mark the run FAILED)."""
+        previous = self._previous.get(signal.SIGTERM)
+        if callable(previous):
+            previous(signum, frame)
+        trainer._signal_connector.received_sigterm = False
+        self.requested = self.requested or "SIGTERM"
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._stop_if_requested(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A signal during the evaluation that follows an iteration stops there too: Lightning would
-        otherwise raise after the evaluation and mark the run FAILED."""
+        """A signal during the evaluation that follows an iteration stops right after it, not one
+        iteration later."""
         if trainer.state.fn == "fit":
             self._stop_if_requested(trainer, pl_module)
 
     def _stop_if_requested(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.received_sigterm:
+        if trainer.received_sigterm:  # only Lightning's handler ran (fit outside the main thread)
             self.requested = "SIGTERM"
             trainer._signal_connector.received_sigterm = False  # we stop cleanly instead of raising
         if not self.requested or trainer.should_stop:
@@ -60,6 +75,6 @@ class GracefulStop(L.Callback):
         )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
