@@ -11,35 +11,37 @@ from fp3o_lightning.nets import MultiAgentPolicy
 
 
 class RolloutActor(TensorDictModuleBase):
-    """Reads the observation (and action mask, hidden state), writes the action, its log-prob and, for a
-    recurrent policy, ``("next", "rnn_hidden")``.
+    """Reads the observation (and action mask, hidden state), writes the action and, for a recurrent
+    policy, ``("next", "rnn_hidden")``; with ``log_prob`` also the action's log-probability.
 
     Samples under TorchRL's ``ExplorationType.RANDOM`` (as the collector sets it) and takes the
     distribution's deterministic action otherwise (the mean, or the best valid action), as a
     ``ProbabilisticActor`` does. Hand-written because ``TensorDictModule`` + ``ProbabilisticActor``
     cost several times the policy's own arithmetic per rollout step for the paper's small networks.
-    The distribution's parameters are not stored: the update recomputes them on the whole batch.
+    Neither the distribution's parameters nor (by default) the log-probability are stored: the update
+    recomputes both on the whole batch, so computing them step by step would be wasted (a sixth of
+    the policy's time per step).
     """
 
-    def __init__(self, policy: MultiAgentPolicy, masked: bool) -> None:
+    def __init__(self, policy: MultiAgentPolicy, masked: bool, log_prob: bool = False) -> None:
         super().__init__()
-        self.policy, self.masked = policy, masked
+        self.policy, self.masked, self.log_prob = policy, masked, log_prob
         self.inputs = {"observation": OBSERVATION} | ({"action_mask": ACTION_MASK} if masked else {})
         if policy.recurrent:
             self.inputs |= {"hidden": HIDDEN, "is_init": IS_INIT}
         self.n_params = 1 if policy.discrete else 2
         self.in_keys = list(self.inputs.values())
-        self.out_keys = [ACTION, LOG_PROB] + [("next", HIDDEN)] * policy.recurrent
+        self.out_keys = [ACTION] + [LOG_PROB] * log_prob + [("next", HIDDEN)] * policy.recurrent
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         inputs = {name: tensordict.get(key) for name, key in self.inputs.items()}
         outputs = self.policy(**inputs)
+        params, mask = outputs[: self.n_params], inputs.get("action_mask")
         deterministic = (exploration_type() or ExplorationType.DETERMINISTIC) != ExplorationType.RANDOM
-        action, log_prob = self.policy.sample(
-            outputs[: self.n_params], inputs.get("action_mask"), deterministic
-        )
+        action = self.policy.sample(params, mask, deterministic)
         tensordict.set(ACTION, action)
-        tensordict.set(LOG_PROB, log_prob)
+        if self.log_prob:
+            tensordict.set(LOG_PROB, self.policy.log_prob(params, action, mask))
         if self.policy.recurrent:
             tensordict.set(("next", HIDDEN), outputs[-1])
         return tensordict

@@ -407,9 +407,10 @@ class FP3OModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         return math.ceil(self.hparams.total_frames / (self.frames_per_batch * world))
 
-    def make_actor(self) -> RolloutActor:
-        """The policy as the collector's actor (see ``RolloutActor``)."""
-        return RolloutActor(self.policy, self.masked)
+    def make_actor(self, log_prob: bool = False) -> RolloutActor:
+        """The policy as the collector's actor (see ``RolloutActor``); ``log_prob`` also writes each
+        action's log-probability (``("agents", "action_log_prob")``), which training does not need."""
+        return RolloutActor(self.policy, self.masked, log_prob)
 
     def build_env(self, num_envs: int, **env_options: Any) -> EnvBase:
         """The configured environment with the transforms the actor needs.

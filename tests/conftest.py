@@ -67,7 +67,7 @@ def sampled_rollout(module: FP3OModule, steps: int = 64, seed: int = 123, explor
     """A fresh ``[num_envs, steps]`` rollout of the current policy (sampled actions, as in training)."""
     env = module.make_env(seed=seed)
     with torch.no_grad(), set_exploration_type(exploration):
-        rollout = env.rollout(steps, module.make_actor(), break_when_any_done=False)
+        rollout = env.rollout(steps, module.make_actor(log_prob=True), break_when_any_done=False)
     env.close()
     return rollout
 

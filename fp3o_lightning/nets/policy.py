@@ -190,16 +190,14 @@ class MultiAgentPolicy(nn.Module):
 
     def sample(
         self, params: Sequence[Tensor], action_mask: Tensor | None = None, deterministic: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """An action of the distribution of ``params`` (sampled, or its deterministic one: the mean, the
-        best valid action) and its log-probability."""
+    ) -> Tensor:
+        """An action of the distribution of ``params``: sampled, or its deterministic one (the mean, the
+        best valid action)."""
         if self.discrete:
             distribution = self.make_distribution(params, action_mask)
-            action = distribution.deterministic_sample if deterministic else distribution.sample()
-            return action, distribution.log_prob(action)
+            return distribution.deterministic_sample if deterministic else distribution.sample()
         loc, scale = params
-        action = loc if deterministic else torch.normal(loc, scale)  # as Normal.sample draws
-        return action, gaussian_log_prob(loc, scale, action)
+        return loc if deterministic else torch.normal(loc, scale)  # as Normal.sample draws
 
     def distribution(self, observation: Tensor, action_mask: Tensor | None = None) -> Distribution:
         """The distribution of an MLP actor at ``observation``."""
