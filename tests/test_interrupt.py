@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from fp3o_lightning.cli import main
 
 from .test_resume import ARGS
+from .test_training import ROOT
 
 LONG = [*ARGS, "--model.total_frames=1500", "--model.eval_interval=0"]  # checkpoint every iteration
 
@@ -118,3 +120,44 @@ def test_sigterm_anywhere_in_an_iteration_stops_cleanly(tmp_path, callback, opti
     if "--model.eval_interval=1" in options:
         evaluated = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")]
         assert 200 in evaluated  # the evaluation it interrupted (after iteration 2, 200 frames) was logged
+
+
+DDP_STOP_SCRIPT = textwrap.dedent(
+    """
+    import sys, lightning as L
+    sys.path.insert(0, {root!r})
+    from tests.conftest import small_module
+    from fp3o_lightning.callbacks.interrupt import GracefulStop
+
+    class OnlyRankZeroIsAsked(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            if trainer.global_rank == 0 and module.iteration == 2:  # as if only it had the signal
+                (stop,) = [c for c in trainer.callbacks if isinstance(c, GracefulStop)]
+                stop.requested = "SIGTERM"
+
+    class Report(L.Callback):
+        def on_train_end(self, trainer, module):
+            with open(f"{out}.{{trainer.global_rank}}", "w") as file:
+                file.write(f"{{module.iteration}} {{module.interrupted}}")
+
+    module = small_module(total_frames=4096, checkpoint_interval=1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+        default_root_dir={tmp!r}, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[OnlyRankZeroIsAsked(), Report()])
+    trainer.fit(module)
+    """
+)
+
+
+def test_under_ddp_every_process_stops_at_the_same_iteration(tmp_path):
+    """A stop asked of one process stops them all after the same iteration: one going on alone would
+    wait forever in the next collective."""
+    out = tmp_path / "stopped"
+    script = tmp_path / "ddp_stop.py"
+    script.write_text(DDP_STOP_SCRIPT.format(root=str(ROOT), out=str(out), tmp=str(tmp_path)))
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(out.parent / f"stopped.{rank}").read_text() for rank in (0, 1)] == ["2 SIGTERM"] * 2

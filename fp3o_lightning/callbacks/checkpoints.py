@@ -38,7 +38,7 @@ class IterationCheckpoint(RunCheckpoint):
     """Saves ``iteration=<k>.ckpt`` every ``every_n_iterations`` policy iterations, and ``last.ckpt``.
 
     Counted in iterations because in manual optimisation Lightning's ``global_step`` counts
-    optimiser steps (two per minibatch, and their number varies with FP3O's gate).
+    optimiser steps (one per minibatch, and their number varies with FP3O's gate).
     """
 
     def __init__(self, every_n_iterations: int = 50, **kwargs: Any) -> None:

@@ -63,7 +63,12 @@ class GracefulStop(L.Callback):
         if trainer.received_sigterm:  # only Lightning's handler ran (fit outside the main thread)
             self.requested = "SIGTERM"
             trainer._signal_connector.received_sigterm = False  # we stop cleanly instead of raising
-        if not self.requested or trainer.should_stop:
+        # Under DDP every process stops at the same boundary if any was asked to (one all-reduce an
+        # iteration): a process that went on alone would wait forever in the next collective.
+        if not trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            return
+        self.requested = self.requested or "SIGTERM"  # another process received it
+        if trainer.should_stop:
             return
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, IterationCheckpoint):
