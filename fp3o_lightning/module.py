@@ -474,12 +474,16 @@ class FP3OModule(L.LightningModule):
         self._runtime["running_return"] = torch.zeros(
             self.hparams.num_envs, dtype=torch.float64, device=self.device
         )
+        env = self.make_env(seed)
         self._collector = Collector(
-            self.make_env(seed),
+            env,
             self.make_actor(),
             frames_per_batch=self.frames_per_batch,
             total_frames=-1,
-            env_device=None,  # the environment's own device
+            # The environment's own device, named: with None, TorchRL compares the policy's device
+            # with None, finds them different, and sends every step's TensorDict to the policy's
+            # device and back (no copies on one device, but two calls of TensorDict.to per step).
+            env_device=env.device,
             # A copy on the environment's device, whose weights update_policy_weights_ refreshes.
             policy_device=self.env_device if self.hparams.rollout_device == "env" else self.device,
             # Stored where the environment steps and moved to the module's device once per rollout
