@@ -5,7 +5,9 @@ throughput (rollout + GAE + update, first iteration excluded as warm-up) beside:
 
 * the env-only throughput of the same environment (random actions, same ``num_envs`` and env kwargs);
 * the split of an iteration: collection (the environment, the rollout policy per step, the collector's
-  remainder) and GAE + update;
+  remainder) and GAE + update. The policy is timed twice: alone (the same call repeated, its weights hot
+  in the CPU's caches) and while collecting, between the environment's steps, as ``handwritten_fp3o``
+  times its own; the remainder is what the collection spends outside both;
 * the **floor** it cannot beat: the environment alone plus the minibatch arithmetic, i.e. the FLOPs of the
   actor's and critic's forward and backward passes per minibatch (counted from the layer shapes: 2 per
   multiply-add forward, twice that backward) times the minibatch steps of an iteration, at the GFLOP/s this
@@ -36,9 +38,11 @@ import lightning as L
 import torch
 import yaml
 from env_throughput import env_frames_per_second
+from tensordict import TensorDictBase
 from torch import nn
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from fp3o_lightning.actor import RolloutActor
 from fp3o_lightning.envs import make_env, task_name
 from fp3o_lightning.loggers import MetricsRecorder
 from fp3o_lightning.module import FP3OModule
@@ -72,6 +76,7 @@ class FitThroughput:
     rollout_seconds: float
     update_seconds: float
     policy_us_per_step: float  # the rollout policy alone, per step of all environments
+    policy_in_situ_us_per_step: float  # the same, between the environment's steps while collecting
     update_gflop: float  # the minibatch arithmetic of an iteration's update (see update_flops)
 
 
@@ -79,6 +84,16 @@ def fit_throughput(model: dict[str, Any], iterations: int, accelerator: str) -> 
     """Train ``FP3OModule(**model)`` for ``iterations`` iterations on a ``Trainer(accelerator=...)``."""
     frames = frames_per_batch(model)
     module = FP3OModule(**(model | {"total_frames": iterations * frames}))
+    make_actor, timed = module.make_actor, []
+
+    def collectors_actor_timed(log_prob: bool = False) -> RolloutActor:
+        actor = make_actor(log_prob)
+        if not timed:  # the first actor is the collector's (the evaluations make their own)
+            actor = TimedActor(actor)
+            timed.append(actor)
+        return actor
+
+    module.make_actor = collectors_actor_timed
     recorder = MetricsRecorder()
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -102,8 +117,30 @@ def fit_throughput(model: dict[str, Any], iterations: int, accelerator: str) -> 
         rollout_seconds=steady(recorder.series("train/rollout_seconds")),
         update_seconds=steady(recorder.series("train/update_seconds")),
         policy_us_per_step=policy_us_per_step(module),
+        policy_in_situ_us_per_step=1e6 * timed[0].steady_seconds(option(model, "rollout_length")),
         update_gflop=update_flops(module, steady(gate) if gate else 1.0) / 1e9,
     )
+
+
+class TimedActor(RolloutActor):
+    """A rollout actor that times its calls: the policy in situ, between the environment's steps, where
+    the simulation has evicted it from the CPU's caches (as ``handwritten_fp3o`` times its own). On CUDA
+    the calls return before the kernels finish: there it times the host's part."""
+
+    def __init__(self, actor: RolloutActor) -> None:
+        super().__init__(actor.policy, actor.masked, actor.log_prob)
+        self.seconds: list[float] = []
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        start = time.perf_counter()
+        tensordict = super().forward(tensordict)
+        self.seconds.append(time.perf_counter() - start)
+        return tensordict
+
+    def steady_seconds(self, calls_per_rollout: int) -> float:
+        """Seconds per call, without the first (warm-up) rollout's calls when there are more."""
+        seconds = self.seconds[calls_per_rollout:] or self.seconds
+        return statistics.mean(seconds)
 
 
 def synchronize(device: torch.device) -> None:
@@ -280,7 +317,7 @@ def main() -> None:
 
     fit = fits[0] if len(fits) == 1 else None
     train_fps, collect, update = (median(fits, f) for f in ("train_fps", "rollout_seconds", "update_seconds"))
-    policy = median(fits, "policy_us_per_step")
+    policy, in_situ = median(fits, "policy_us_per_step"), median(fits, "policy_in_situ_us_per_step")
     floor = Floor(frames / env_fps, median(fits, "update_gflop"), gflops)
     steps = option(model, "rollout_length")
     env_name = f"{model['env']['name']} {task_name(model['env'])}"
@@ -298,8 +335,9 @@ def main() -> None:
         row("training (whole fit incl. setup), frames/s", fit.fit_fps)
     row("  per iteration: collection (s)", collect, 2)
     row("    the env alone (s)", frames / env_fps, 2)
-    row("    the rollout policy (us per step)", policy)
-    row("    the collector's remainder (us per step)", 1e6 * (collect - frames / env_fps) / steps - policy)
+    row("    the rollout policy alone (us per step)", policy)
+    row("    the policy while collecting (us per step)", in_situ)
+    row("    the collector's remainder (us per step)", 1e6 * (collect - frames / env_fps) / steps - in_situ)
     row("  per iteration: GAE + update (s)", update, 2)
     row("floor: env alone + minibatch arithmetic (s)", floor.seconds, 2)
     arithmetic = f"  minibatch arithmetic: {floor.gflop:.1f} GFLOP at {gflops:.0f} GFLOP/s (s)"
@@ -312,7 +350,7 @@ def main() -> None:
         print("-" * 63)
         row("hand-written loop, frames/s", median(handwritten, "frames_per_second"))
         row("  per iteration: collection (s)", median(handwritten, "collect_seconds"), 2)
-        row("    the rollout policy (us per step)", median(handwritten, "policy_us_per_step"))
+        row("    the policy while collecting (us per step)", median(handwritten, "policy_us_per_step"))
         row("  per iteration: GAE + update (s)", median(handwritten, "update_seconds"), 2)
         ratios = [f.train_fps / h.frames_per_second for f, h in zip(fits, handwritten, strict=True)]
         row("ratio training / hand-written (median of turns)", statistics.median(ratios), 2)
