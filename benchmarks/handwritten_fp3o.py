@@ -217,17 +217,21 @@ class FP3O:
         return -surrogate.mean(1).sum() - c.entropy_coef * entropy + value_loss
 
     def step(self, mb: dict[str, Tensor], factor: Tensor | None) -> None:
-        """One minibatch: backward, per-agent clipping of the actors, global clipping of the critics, Adam."""
+        """One minibatch: backward, gradient clipping, Adam."""
         self.optimizer.zero_grad(set_to_none=True)
         self.loss(mb, factor).backward()
+        self.clip_gradients()
+        self.optimizer.step()
+        self.steps += 1
+
+    def clip_gradients(self) -> None:
+        """Per-agent clipping of the actors' gradients, global clipping of the critics'."""
         grads = [p.grad for p in self.actor.parameters()]
         agents = grads[0].shape[0]
         norm = torch.cat([g.reshape(agents, -1) for g in grads], 1).norm(dim=1)
         coef = (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, [coef.view(-1, *[1] * (g.dim() - 1)) for g in grads])
         nn.utils.clip_grad_norm_(self.critic.parameters(), self.config.max_grad_norm, foreach=True)
-        self.optimizer.step()
-        self.steps += 1
 
     def phase(self, batch: dict[str, Tensor], factor: Tensor | None) -> None:
         """``epochs x minibatches`` steps on shuffled slices of the batch."""

@@ -90,18 +90,10 @@ def hand_parts(learner: FP3O, batch: dict[str, torch.Tensor]) -> dict[str, Calla
         learner.optimizer.zero_grad()
         learner.loss(minibatch, None).backward()
 
-    def clip() -> None:  # step() without its backward and Adam
-        grads = [p.grad for p in learner.actor.parameters()]
-        norm = torch.cat([g.reshape(g.shape[0], -1) for g in grads], 1).norm(dim=1)
-        coef = (learner.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, [coef.view(-1, *[1] * (g.dim() - 1)) for g in grads])
-        critic, max_norm = learner.critic.parameters(), learner.config.max_grad_norm
-        torch.nn.utils.clip_grad_norm_(critic, max_norm, foreach=True)
-
     return {
         "forward": lambda: learner.loss(minibatch, None),
         "forward + backward": backward,
-        "clipping": clip,
+        "clipping": learner.clip_gradients,
         "Adam": learner.optimizer.step,
     }
 

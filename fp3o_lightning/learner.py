@@ -319,6 +319,10 @@ class PPOLearner:
             self.reset_counters()
         zero = torch.zeros((), device=self.device)
         minibatch_loss = self.compiled_minibatch_loss() if hp.compile_update else self.minibatch_loss
+        # The parameters (and whether clipped per agent) of each network this phase trains.
+        trained = [
+            self.clipped[network] for network in [self.policy] * train_actor + [self.critic] * train_critic
+        ]
         # Every step's statistics, reduced once at the end of the phase rather than step by step.
         losses, finites, log_ratios = [], [], []
         size = batch.numel() // hp.num_minibatches
@@ -344,8 +348,7 @@ class PPOLearner:
                 optimizer.zero_grad()
                 self.backward(loss)
                 norms = [zero]
-                for network in [self.policy] * train_actor + [self.critic] * train_critic:
-                    parameters, per_agent = self.clipped[network]
+                for parameters, per_agent in trained:
                     norms.append(clip_gradients(parameters, hp.max_grad_norm, per_agent))
                 # Gradient norms are all-reduced under DDP, so every process takes the same decision.
                 finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
