@@ -19,8 +19,8 @@ throughput (rollout + GAE + update, first iteration excluded as warm-up) beside:
     python benchmarks/train_throughput.py --config configs/mamujoco/halfcheetah_6x1.yaml --iterations 4
     python benchmarks/train_throughput.py --iterations 4 --handwritten --repeats 3
 
-``--compile-update`` compiles the update (``model.compile_update``); the compilation falls in the first,
-warm-up iteration.
+``--compile-update`` compiles the update (``model.compile_update``) and ``--compile-actor`` the rollout
+policy's step (``model.compile_actor``); the compilation falls in the first, warm-up iteration.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class TimedActor(RolloutActor):
     the calls return before the kernels finish: there it times the host's part."""
 
     def __init__(self, actor: RolloutActor) -> None:
-        super().__init__(actor.policy, actor.masked, actor.log_prob)
+        super().__init__(actor.policy, actor.masked, actor.log_prob, actor.compile)
         self.seconds: list[float] = []
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -249,7 +249,15 @@ HANDWRITTEN_MODEL = {
     "rollout_length": 1000,
 }
 #: Model options that do not change the work of a training iteration.
-WORKLESS = {"total_frames", "eval_interval", "checkpoint_interval", "seed", "compile_update", "num_threads"}
+WORKLESS = {
+    "total_frames",
+    "eval_interval",
+    "checkpoint_interval",
+    "seed",
+    "compile_update",
+    "compile_actor",
+    "num_threads",
+}
 
 
 def option(model: dict[str, Any], name: str) -> Any:
@@ -280,6 +288,9 @@ def main() -> None:
         "--compile-update", action="store_true", help="model.compile_update (compilation in warm-up)"
     )
     parser.add_argument(
+        "--compile-actor", action="store_true", help="model.compile_actor (compilation in warm-up)"
+    )
+    parser.add_argument(
         "--handwritten", action="store_true", help="also run handwritten_fp3o.py, in turns with ours"
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, in turns (median reported)")
@@ -288,7 +299,8 @@ def main() -> None:
     model = read_model(args.config)
     if args.sharing:
         model["sharing"] = args.sharing
-    model["compile_update"] = args.compile_update or model.get("compile_update", False)
+    for name in ("compile_update", "compile_actor"):
+        model[name] = getattr(args, name) or model.get(name, False)
     differences = handwritten_differences(model)
     if args.handwritten and differences:
         parser.error(f"--handwritten runs the paper's HalfCheetah 6x1 only, not {', '.join(differences)}")
@@ -324,7 +336,8 @@ def main() -> None:
     print(
         f"\n{env_name}, sharing={model.get('sharing', 'nops')}, num_envs={model.get('num_envs', 4)}, "
         f"{frames} frames/iteration, {args.iterations} iterations x {args.repeats} runs on {fits[0].device}, "
-        f"torch threads={torch.get_num_threads()}, compile_update={model['compile_update']}; "
+        f"torch threads={torch.get_num_threads()}, compile_update={model['compile_update']}, "
+        f"compile_actor={model['compile_actor']}; "
         f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)"
     )
     print(f"{'measure (medians over runs)':<52} {'value':>10}")

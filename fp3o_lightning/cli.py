@@ -80,6 +80,7 @@ RESUMABLE = frozenset(
         "num_threads",
         "matmul_precision",
         "compile_update",
+        "compile_actor",
         "nonfinite",
     }
 )
@@ -262,9 +263,14 @@ class FP3OCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        """``compile_update`` on the CPU: stop now, naming the fix, if there is no C++ compiler."""
-        if self.model.hparams.compile_update and self.trainer.strategy.root_device.type == "cpu":
-            check_cpp_compiler()
+        """``compile_update`` or ``compile_actor`` on the CPU: stop now, naming the fix, if there is no C++
+        compiler (the actor runs on the CPU for environments that simulate there, whatever the Trainer's
+        device)."""
+        hp = self.model.hparams
+        on_cpu = self.trainer.strategy.root_device.type == "cpu"
+        options = [name for name in ("compile_update", "compile_actor") if hp[name]]
+        if options and (on_cpu or "compile_actor" in options):
+            check_cpp_compiler(options)
 
     def after_fit(self) -> None:
         """Mark an interrupted fit's MLflow run KILLED; print where everything is."""
@@ -310,17 +316,20 @@ def _agrees(given: Any, saved: Any) -> bool:
     return given == saved
 
 
-def check_cpp_compiler() -> None:
-    """Raise, naming the fix, where ``torch.compile``'s CPU backend (inductor) finds no C++ compiler."""
+def check_cpp_compiler(options: list[str]) -> None:
+    """Raise, naming the fix, where ``torch.compile``'s CPU backend (inductor) finds no C++ compiler for
+    the model ``options`` that compile."""
     from torch._inductor import cpp_builder, exc
 
     try:
         cpp_builder.get_cpp_compiler()
     except exc.InvalidCxxCompiler as error:
+        names = " and ".join(f"model.{name}" for name in options)
+        fix = " ".join(f"--model.{name} false" for name in options)
         raise RuntimeError(
-            f"model.compile_update needs a C++ compiler for torch.compile on the CPU and found none "
+            f"{names} needs a C++ compiler for torch.compile on the CPU and found none "
             f"({error}). Fix: install one (e.g. `apt-get install g++`, or point the CXX environment "
-            "variable at one), or train without compiling: --model.compile_update false"
+            f"variable at one), or train without compiling: {fix}"
         ) from error
 
 

@@ -1,10 +1,14 @@
-"""``compile_update``: the minibatch loss compiled by ``torch.compile`` trains as the eager one does."""
+"""``compile_update`` and ``compile_actor``: the minibatch loss and the rollout policy's step compiled by
+``torch.compile`` train and act as the eager ones do."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch._dynamo
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from fp3o_lightning.keys import ACTION, LOG_PROB
 
 from .conftest import fit_quietly, small_module
 
@@ -52,3 +56,53 @@ def test_compiled_update_trains_like_the_eager_one(overrides: dict, accelerator:
         torch.testing.assert_close(compiled[name], value, rtol=1e-4, atol=1e-5, msg=name)
         if "log_std" not in name:  # the std moves too little to check against rounding
             assert not torch.equal(value, start[name]), f"{name} did not train"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"sharing": "nops"},
+        {"sharing": "paps", "actor_network": "rnn", "data_chunk_length": 8},
+        {"sharing": "fups", "env": {"name": "masked_game", "n_agents": 3}},
+    ],
+    ids=["nops-mlp", "paps-rnn", "fups-masked-discrete"],
+)
+@pytest.mark.usefixtures("masked_game")
+def test_compiled_actor_acts_like_the_eager_one(overrides: dict) -> None:
+    """The compiled step draws the eager step's random numbers and gives its actions (to float rounding
+    for a Gaussian), sampled and deterministic, and the same log-probabilities."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    module = small_module(**overrides)
+    env = module.build_env(3)
+    start = env.reset()
+    actors = {compile: module.make_actor(log_prob=True) for compile in (False, True)}
+    actors[True].compile = True
+    for exploration in (ExplorationType.RANDOM, ExplorationType.DETERMINISTIC):
+        acted, after = {}, {}
+        for compile, actor in actors.items():
+            torch.manual_seed(0)
+            with torch.no_grad(), set_exploration_type(exploration):
+                acted[compile] = actor(start.clone())
+            after[compile] = torch.rand(4)  # the generator where the step left it
+        torch.testing.assert_close(acted[True][ACTION], acted[False][ACTION], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(acted[True][LOG_PROB], acted[False][LOG_PROB], rtol=1e-4, atol=1e-5)
+        assert torch.equal(after[True], after[False])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled path ran
+    assert not torch._dynamo.utils.counters["graph_break"]
+    env.close()
+
+
+def test_a_fit_with_a_compiled_actor_trains_and_evaluates() -> None:
+    """``compile_actor``: the collector's and the evaluation's actors run compiled, and the fit trains."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    module = small_module(compile_actor=True, eval_episodes=2, eval_num_envs=2)
+    start = {name: p.detach().clone() for name, p in module.named_parameters()}
+    fit_quietly(module)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    moved = [name for name, p in module.named_parameters() if not torch.equal(p.detach(), start[name])]
+    assert len(moved) > len(start) // 2
+    returns = module.evaluate()["returns"]
+    assert returns.shape == (2,) and returns.isfinite().all()

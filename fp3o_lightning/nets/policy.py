@@ -86,6 +86,7 @@ class MultiAgentPolicy(nn.Module):
         if (action_size is None) == (n_actions is None):
             raise ValueError("give either action_size (continuous actions) or n_actions (discrete actions)")
         self.n_agents, self.sharing, self.hidden_size = n_agents, sharing, hidden_size
+        self.action_size = action_size  # None for discrete actions
         self.discrete, self.recurrent = n_actions is not None, actor_network == "rnn"
         self.std_x_coef, self.std_y_coef = std_x_coef, std_y_coef
         self.append_id = sharing == "fups" or agent_id
