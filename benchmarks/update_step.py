@@ -62,19 +62,18 @@ def our_parts(learner: PPOLearner, batch: Any) -> dict[str, Callable[[], Any]]:
     """The parts of one of our minibatch steps, on the batch's first minibatch."""
     hp, optimizer = learner.hparams, learner.optimizer().optimizer
     minibatch = split_minibatches(batch, torch.arange(batch.numel()), batch.numel() // hp.num_minibatches)[0]
-    weight = torch.ones(learner.n_agents)
     loss = learner.compiled_minibatch_loss() if hp.compile_update else learner.minibatch_loss
 
     def backward() -> None:
         optimizer.zero_grad()
-        loss(minibatch, None, weight, True, True)[0].backward()
+        loss(minibatch, None, None, True, True)[0].backward()
 
     def clip() -> None:
         for parameters, per_agent in learner.clipped.values():
             clip_gradients(parameters, hp.max_grad_norm, per_agent)
 
     return {
-        "forward": lambda: loss(minibatch, None, weight, True, True),
+        "forward": lambda: loss(minibatch, None, None, True, True),
         "forward + backward": backward,
         "clipping": clip,
         "Adam": optimizer.step,

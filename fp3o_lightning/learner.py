@@ -36,7 +36,7 @@ from fp3o_lightning.objectives import (
     huber_value_loss,
     normalize_advantage,
 )
-from fp3o_lightning.optim import AgentFreezer, clip_gradients, skip_step_unless
+from fp3o_lightning.optim import AgentFreezer, clip_gradients, skip_step_unless_finite
 
 Minibatch = Mapping[Any, Tensor]
 """A minibatch as a plain mapping of the update batch's leaf keys (nested ones as tuples) to tensors."""
@@ -209,7 +209,10 @@ class PPOLearner:
     def update_value_normalizer(self, target: Tensor) -> None:
         """Fold value targets (denormalised) into the value normaliser, averaged over DDP processes."""
         moments = self.value_normalizer.moments(target)
-        self.value_normalizer.update(self.all_reduce_sum(moments) / self.world_size())
+        world_size = self.world_size()
+        if world_size > 1:
+            moments = self.all_reduce_sum(moments) / world_size
+        self.value_normalizer.update(moments)
 
     def distribution_params(self, batch: TensorDictBase | Minibatch) -> tuple[Tensor, ...]:
         """The current policy's distribution parameters on a flat update batch (or a minibatch of
@@ -237,18 +240,19 @@ class PPOLearner:
         self,
         minibatch: Minibatch,
         factor: Tensor | None,
-        agent_weight: Tensor,
+        agent_weight: Tensor | None,
         train_actor: bool,
         train_critic: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """The loss of one minibatch step of :meth:`ppo_phase` and its parts.
 
+        ``agent_weight [n_agents]`` weighs each agent's policy loss and entropy (``None``: 1 each).
         Returns the loss to minimise (policy loss, minus the entropy bonus, plus the value loss) and
         its policy loss, entropy and value loss (0 for a network not trained), and the current
         log-probs ``[B, n_agents]`` (``None`` when the actors are not trained).
         """
         hp = self.hparams
-        zero = torch.zeros((), device=agent_weight.device)
+        zero = torch.zeros((), device=self.device)
         policy_loss = entropy = value_loss = zero
         log_prob = None
         if train_actor:
@@ -259,8 +263,11 @@ class PPOLearner:
             )
             alive = minibatch.get(ALIVE) if self.alive else None
             shared = not self.policy.per_agent_parameters
-            policy_loss = -(active_mean(surrogate, alive, shared) * agent_weight).sum()
-            entropy = (active_mean(self.policy.entropy(params, mask), alive, shared) * agent_weight).sum()
+            surrogate = active_mean(surrogate, alive, shared)
+            entropy = active_mean(self.policy.entropy(params, mask), alive, shared)
+            if agent_weight is not None:
+                surrogate, entropy = surrogate * agent_weight, entropy * agent_weight
+            policy_loss, entropy = -surrogate.sum(), entropy.sum()
         if train_critic:
             value_loss = huber_value_loss(
                 self.values(minibatch),
@@ -312,19 +319,20 @@ class PPOLearner:
         # per-agent means for NoPS (each agent's gradient equals that of its own PPO loss).
         mask = torch.ones(self.n_agents, device=self.device) if agents is None else agents.float()
         agent_weight = mask if self.policy.per_agent_parameters else mask / mask.sum()
+        if agents is None and self.policy.per_agent_parameters:
+            agent_weight = None  # 1 for every agent: two multiplications less per minibatch
         freezer = None
         if train_actor and agents is not None and not bool(agents.all()):
             freezer = AgentFreezer(self.policy.stacked_parameters(), optimizer.optimizer, ~agents)
         if self.skipped.device != self.device:  # the module moved since the last reset
             self.reset_counters()
-        zero = torch.zeros((), device=self.device)
         minibatch_loss = self.compiled_minibatch_loss() if hp.compile_update else self.minibatch_loss
         # The parameters (and whether clipped per agent) of each network this phase trains.
         trained = [
             self.clipped[network] for network in [self.policy] * train_actor + [self.critic] * train_critic
         ]
         # Every step's statistics, reduced once at the end of the phase rather than step by step.
-        losses, finites, log_ratios = [], [], []
+        losses, found_infs, log_ratios = [], [], []
         size = batch.numel() // hp.num_minibatches
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(sequences, generator=self.generator).to(self.device)
@@ -347,22 +355,22 @@ class PPOLearner:
                 # The network a phase does not train keeps gradients of None, which Adam skips.
                 optimizer.zero_grad()
                 self.backward(loss)
-                norms = [zero]
+                grads = []
                 for parameters, per_agent in trained:
-                    norms.append(clip_gradients(parameters, hp.max_grad_norm, per_agent))
-                # Gradient norms are all-reduced under DDP, so every process takes the same decision.
-                finite = torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()
-                skip_step_unless(optimizer.optimizer, finite)  # a non-finite step changes nothing
+                    clip_gradients(parameters, hp.max_grad_norm, per_agent)
+                    grads += [p.grad for p in parameters if p.grad is not None]
+                # A non-finite step changes nothing. Gradients are all-reduced under DDP, so every
+                # process takes the same decision.
+                found_infs.append(skip_step_unless_finite(optimizer.optimizer, grads))
                 optimizer.step()
                 if freezer is not None:
                     freezer.restore()
                 if train_actor:
                     log_ratios.append(log_prob.detach() - minibatch[LOG_PROB])
                 losses.append(torch.stack([loss, policy_loss, value_loss, entropy]).detach())
-                finites.append(finite)
         self.steps += len(losses)
         parts = torch.stack(losses)
-        self.skipped += torch.stack([(~parts[:, 0].isfinite()).sum(), (~torch.stack(finites)).sum()])
+        self.skipped += torch.stack([(~parts[:, 0].isfinite()).sum(), torch.stack(found_infs).sum()])
         policy_loss, value_loss, entropy = parts[:, 1:].nan_to_num().mean(0)
         stats: dict[str, Tensor] = {}
         if train_actor:

@@ -73,18 +73,18 @@ class AgentFreezer:
                     state[key].index_copy_(0, self.index, saved[key])
 
 
-def skip_step_unless(
-    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], finite: Tensor
-) -> None:
-    """Make the optimisers' next ``step()`` a no-op unless the 0-dim bool tensor ``finite`` is true.
+def skip_step_unless_finite(optimizer: torch.optim.Optimizer, grads: Sequence[Tensor]) -> Tensor:
+    """Make the optimiser's next ``step()`` a no-op where any of ``grads`` holds a NaN or an Inf.
 
-    No host sync: it sets the ``found_inf`` tensor that torch's fused optimisers read (the hook AMP's
-    ``GradScaler`` uses), and the fused kernel then leaves parameters, moments and step counts as
-    they were. The optimisers must be built with ``fused=True``.
+    No host sync: one foreach kernel (the check AMP's ``GradScaler`` makes, at a scale of 1) sets the
+    ``found_inf`` tensor that torch's fused optimisers read, and the fused kernel then leaves parameters,
+    moments and step counts as they were. The optimiser must be built with ``fused=True``. Returns
+    ``found_inf`` (0-dim float: 1.0 where the step is skipped).
     """
-    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
-    if not all(optimizer.defaults.get("fused") for optimizer in optimizers):
-        raise ValueError("skip_step_unless needs optimisers built with fused=True")
-    found_inf = (~finite).to(torch.float32)
-    for optimizer in optimizers:
-        optimizer.found_inf = found_inf
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("skip_step_unless_finite needs an optimiser built with fused=True")
+    found_inf = torch.zeros((), device=grads[0].device)
+    scale = torch.ones((), device=grads[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, scale)
+    optimizer.found_inf = found_inf
+    return found_inf

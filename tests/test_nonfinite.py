@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp3o_lightning.optim import skip_step_unless
+from fp3o_lightning.optim import skip_step_unless_finite
 
 from .conftest import fit_quietly, small_module
 
@@ -21,16 +21,16 @@ def test_a_step_with_nonfinite_gradients_changes_nothing():
     optimizer.step()  # Adam has moments and a step count now
     before = {"weight": weight.detach().clone()} | {k: v.clone() for k, v in optimizer.state[weight].items()}
     weight.grad = torch.tensor([1.0, float("nan"), 1.0])
-    skip_step_unless(optimizer, torch.isfinite(weight.grad).all())
+    assert skip_step_unless_finite(optimizer, [weight.grad]).item() == 1.0
     optimizer.step()
     after = {"weight": weight.detach()} | optimizer.state[weight]
     assert all(torch.equal(after[key], value) for key, value in before.items())
     weight.grad = torch.ones(3)
-    skip_step_unless(optimizer, torch.isfinite(weight.grad).all())
+    assert skip_step_unless_finite(optimizer, [weight.grad]).item() == 0.0
     optimizer.step()
     assert not torch.equal(weight.detach(), before["weight"])
     with pytest.raises(ValueError, match="fused=True"):
-        skip_step_unless(torch.optim.Adam([weight]), torch.tensor(True))
+        skip_step_unless_finite(torch.optim.Adam([weight]), [weight.grad])
 
 
 def corrupt_advantages(module, index: int = 5):

@@ -150,10 +150,12 @@ class ValueNormalizer(nn.Module):
 
     @torch.no_grad()
     def update(self, moments: Tensor) -> None:
-        """Fold in a batch's ``moments`` (all-reduce them first under DDP)."""
-        self.running_mean.mul_(self.beta).add_(moments[0] * (1.0 - self.beta))
-        self.running_mean_sq.mul_(self.beta).add_(moments[1] * (1.0 - self.beta))
-        self.debiasing_term.mul_(self.beta).add_(1.0 - self.beta)
+        """Fold in a batch's ``moments`` (all-reduce them first under DDP): ``x <- beta x + (1 - beta) m``
+        for both moments and the debiasing term, in two foreach calls (it runs at every minibatch)."""
+        statistics = [self.running_mean, self.running_mean_sq]
+        torch._foreach_mul_([*statistics, self.debiasing_term], self.beta)
+        torch._foreach_add_(statistics, list((moments * (1.0 - self.beta)).unbind(0)))
+        self.debiasing_term.add_(1.0 - self.beta)
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
         debias = self.debiasing_term.clamp(min=self.eps)
