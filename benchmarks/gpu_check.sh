@@ -24,7 +24,7 @@ python3 -c "import torch, torchrl, lightning; print(torch.__version__, torch.ver
 echo "== setup $(( $(date +%s) - t0 )) s"
 timeout 200 python3 -m pytest -v -o addopts="" -p no:cacheprovider -rs --durations=20 \
   -k "(cuda or gpu or trainer_device) and not smax" tests/test_devices.py tests/test_vmas_env.py \
-  tests/test_masked_game.py tests/test_compile_update.py >"$OUT/tests.log" 2>&1
+  tests/test_masked_game.py tests/test_compile_update.py tests/test_nonfinite.py >"$OUT/tests.log" 2>&1
 echo "== pytest exit $? (124: timed out)"
 grep -E "^(E |FAILED|ERROR|SKIPPED)|passed|failed|s call " "$OUT/tests.log" | tail -45
 echo "== tests done $(( $(date +%s) - t0 )) s"

@@ -317,10 +317,11 @@ class PPOLearner:
         steps = torch.arange(chunk, device=self.device)
         # Mean over agents for shared networks (as the paper's code concatenates agents), sum of
         # per-agent means for NoPS (each agent's gradient equals that of its own PPO loss).
-        mask = torch.ones(self.n_agents, device=self.device) if agents is None else agents.float()
-        agent_weight = mask if self.policy.per_agent_parameters else mask / mask.sum()
-        if agents is None and self.policy.per_agent_parameters:
-            agent_weight = None  # 1 for every agent: two multiplications less per minibatch
+        # (None: 1 for every agent, two multiplications less per minibatch.)
+        agent_weight = None
+        if agents is not None or not self.policy.per_agent_parameters:
+            mask = torch.ones(self.n_agents, device=self.device) if agents is None else agents.float()
+            agent_weight = mask if self.policy.per_agent_parameters else mask / mask.sum()
         freezer = None
         if train_actor and agents is not None and not bool(agents.all()):
             freezer = AgentFreezer(self.policy.stacked_parameters(), optimizer.optimizer, ~agents)

@@ -13,6 +13,7 @@ from fp3o_lightning.keys import ACTION, LOG_PROB
 from .conftest import fit_quietly, small_module
 
 SMAX_3M = {"name": "smax", "map_name": "3m"}
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))
 
 
 def _trained_parameters(accelerator: str = "cpu", **overrides) -> dict[str, torch.Tensor]:
@@ -36,10 +37,7 @@ def _trained_parameters(accelerator: str = "cpu", **overrides) -> dict[str, torc
     ],
     ids=lambda o: o if isinstance(o, str) else f"{o['algorithm']}-{o['sharing']}",
 )
-@pytest.mark.parametrize(
-    "accelerator",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
-)
+@pytest.mark.parametrize("accelerator", ["cpu", CUDA])
 def test_compiled_update_trains_like_the_eager_one(overrides: dict, accelerator: str) -> None:
     """Same seed, one iteration: every parameter ends where the eager update puts it (to float
     rounding; the compiled kernels sum in other orders), and every parameter moved. On CUDA the
@@ -67,15 +65,17 @@ def test_compiled_update_trains_like_the_eager_one(overrides: dict, accelerator:
     ],
     ids=["nops-mlp", "paps-rnn", "fups-masked-discrete"],
 )
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.usefixtures("masked_game")
-def test_compiled_actor_acts_like_the_eager_one(overrides: dict) -> None:
+def test_compiled_actor_acts_like_the_eager_one(overrides: dict, device: str) -> None:
     """The compiled step draws the eager step's random numbers and gives its actions (to float rounding
-    for a Gaussian), sampled and deterministic, and the same log-probabilities."""
+    for a Gaussian), sampled and deterministic, and the same log-probabilities (on CUDA: the policy
+    there, the environment's observations moved to it)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    module = small_module(**overrides)
+    module = small_module(**overrides).to(device)
     env = module.build_env(3)
-    start = env.reset()
+    start = env.reset().to(device)
     actors = {compile: module.make_actor(log_prob=True) for compile in (False, True)}
     actors[True].compile = True
     for exploration in (ExplorationType.RANDOM, ExplorationType.DETERMINISTIC):
@@ -84,7 +84,7 @@ def test_compiled_actor_acts_like_the_eager_one(overrides: dict) -> None:
             torch.manual_seed(0)
             with torch.no_grad(), set_exploration_type(exploration):
                 acted[compile] = actor(start.clone())
-            after[compile] = torch.rand(4)  # the generator where the step left it
+            after[compile] = torch.rand(4, device=device)  # the generator where the step left it
         torch.testing.assert_close(acted[True][ACTION], acted[False][ACTION], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(acted[True][LOG_PROB], acted[False][LOG_PROB], rtol=1e-4, atol=1e-5)
         assert torch.equal(after[True], after[False])

@@ -14,18 +14,22 @@ def parameters(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def test_a_step_with_nonfinite_gradients_changes_nothing():
-    weight = torch.nn.Parameter(torch.ones(3))
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_a_step_with_nonfinite_gradients_changes_nothing(device: str):
+    weight = torch.nn.Parameter(torch.ones(3, device=device))
     optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)
-    weight.grad = torch.ones(3)
+    weight.grad = torch.ones(3, device=device)
     optimizer.step()  # Adam has moments and a step count now
     before = {"weight": weight.detach().clone()} | {k: v.clone() for k, v in optimizer.state[weight].items()}
-    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+    weight.grad = torch.tensor([1.0, float("nan"), 1.0], device=device)
     assert skip_step_unless_finite(optimizer, [weight.grad]).item() == 1.0
     optimizer.step()
     after = {"weight": weight.detach()} | optimizer.state[weight]
     assert all(torch.equal(after[key], value) for key, value in before.items())
-    weight.grad = torch.ones(3)
+    weight.grad = torch.ones(3, device=device)
     assert skip_step_unless_finite(optimizer, [weight.grad]).item() == 0.0
     optimizer.step()
     assert not torch.equal(weight.detach(), before["weight"])
