@@ -263,13 +263,24 @@ class FP3OCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        """``compile_update`` or ``compile_actor`` on the CPU: stop now, naming the fix, if there is no C++
-        compiler (the actor runs on the CPU for environments that simulate there, whatever the Trainer's
-        device)."""
+        self.check_compiler(update=True)
+
+    def before_validate(self) -> None:
+        self.check_compiler(update=False)
+
+    def before_test(self) -> None:
+        self.check_compiler(update=False)
+
+    def check_compiler(self, update: bool) -> None:
+        """Stop now, naming the fix, where a compiling option needs a C++ compiler and there is none:
+        ``compile_actor`` (the actor runs on the CPU for environments that simulate there, whatever the
+        Trainer's device) and, when the command trains (``update``), ``compile_update`` on the CPU."""
         hp = self.model.hparams
         on_cpu = self.trainer.strategy.root_device.type == "cpu"
         options = [name for name in ("compile_update", "compile_actor") if hp[name]]
-        if options and (on_cpu or "compile_actor" in options):
+        if not (update and on_cpu):  # the update is not compiled here, or not for the CPU
+            options = [name for name in options if name != "compile_update"]
+        if options:
             check_cpp_compiler(options)
 
     def after_fit(self) -> None:

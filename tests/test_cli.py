@@ -160,15 +160,28 @@ def test_mlflow_page_shows_the_learning_curves_first(finished_run):
     assert per_agent and min(per_agent) > max(i for i, name in enumerate(order) if name.startswith("train/"))
 
 
-# ---- 6. compile_update checks for a compiler
+# ---- 6. compile_update and compile_actor check for a compiler
 
 
-def test_compile_update_without_a_compiler_stops_before_training(tmp_path, monkeypatch):
+UPDATE, ACTOR = "--model.compile_update=true", "--model.compile_actor=true"
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "options", "named"),
+    [
+        ("fit", [UPDATE], r"model\.compile_update needs.*--model\.compile_update false$"),
+        ("fit", [UPDATE, ACTOR], r"--model\.compile_update false --model\.compile_actor false$"),
+        ("validate", [ACTOR], r"model\.compile_actor needs.*--model\.compile_actor false$"),
+    ],
+    ids=["fit-update", "fit-both", "validate-actor"],
+)
+def test_compiling_without_a_compiler_stops_first(tmp_path, monkeypatch, subcommand, options, named):
     monkeypatch.chdir(tmp_path)
     # inductor's own patch: monkeypatch would leave its config module without the option afterwards
     with (
         torch._inductor.config.patch({"cpp.cxx": (None, "no-such-c++")}),
-        pytest.raises(RuntimeError, match=r"C\+\+ compiler.*model\.compile_update false"),
+        pytest.raises(RuntimeError, match=r"C\+\+ compiler") as raised,
     ):
-        main([*ARGS, QUIET, "--model.compile_update=true", "--trainer.logger=false"])
+        main([subcommand, *ARGS[1:], QUIET, *options, "--trainer.logger=false"])
+    assert re.search(named, str(raised.value))
     assert not Path("checkpoints").exists()  # stopped before the first iteration
