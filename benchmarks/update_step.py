@@ -7,6 +7,10 @@ update batch, then:
 * a whole PPO phase (``ppo_epochs x num_minibatches`` steps, the factor 1), ours and the hand-written one
   in turns, ``--turns`` times: the median and the least time per step. The VM this was written on moves
   from run to run by 10-20%, so compare figures of one run, and prefer the least times;
+* the parts of a step in the loop: the same phases in turns again, with each part's calls timed (the
+  forward, i.e. the loss, the backward, ``zero_grad``, the clipping, the non-finite guard, Adam, our value
+  normaliser's update, which the hand-written loop makes inside its loss) and the rest of the step (the
+  minibatch gather, the statistics, Python);
 * the parts of a step alone, each repeated on one minibatch: the forward (the loss), the forward and
   backward, the gradient clipping, the Adam step. Alone, the weights and activations stay in the CPU's
   caches: the sum of the parts is less than the step in the loop.
@@ -18,15 +22,19 @@ update batch, then:
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
+from unittest import mock
 
 import torch
 from handwritten_fp3o import FP3O, train
 from train_throughput import fit_throughput, read_model
 
+from fp3o_lightning import learner as learner_module
 from fp3o_lightning.learner import PPOLearner, split_minibatches
 from fp3o_lightning.optim import clip_gradients
 
@@ -97,6 +105,74 @@ def hand_parts(learner: FP3O, batch: dict[str, torch.Tensor]) -> dict[str, Calla
     }
 
 
+class PartTimer:
+    """Seconds spent in wrapped calls, by part."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, part: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+
+        return timed
+
+
+class TimedOptimizer:
+    """An optimiser (or Lightning's wrapper of one) whose ``zero_grad`` and ``step`` are timed."""
+
+    def __init__(self, optimizer: Any, timer: PartTimer) -> None:
+        self.wrapped = optimizer
+        self.zero_grad = timer.wrap("zero_grad", optimizer.zero_grad)
+        self.step = timer.wrap("Adam", optimizer.step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+
+def timing(timer: PartTimer, parts: list[tuple[Any, str, str]]) -> ExitStack:
+    """Patches ``getattr(target, name)`` with a call timed as ``part``, for each ``(target, name, part)``
+    (undone when the stack closes)."""
+    stack = ExitStack()
+    for target, name, part in parts:
+        timed = timer.wrap(part, getattr(target, name))
+        stack.enter_context(mock.patch.object(target, name, timed))
+    return stack
+
+
+def timing_our_parts(learner: PPOLearner, timer: PartTimer) -> ExitStack:
+    """Patches that time the parts of our minibatch steps."""
+    loss = "minibatch_loss"
+    if learner.hparams.compile_update:
+        learner.compiled_minibatch_loss()  # made before it is patched
+        loss = "_compiled_loss"
+    stack = timing(
+        timer,
+        [
+            (learner, loss, "forward (the loss)"),
+            (learner, "backward", "backward"),
+            (learner, "update_value_normalizer", "value normaliser"),
+            (learner_module, "clip_gradients", "clipping"),
+            (learner_module, "skip_step_unless_finite", "non-finite guard"),
+        ],
+    )
+    optimizer = learner.optimizer
+    stack.enter_context(mock.patch.object(learner, "optimizer", lambda: TimedOptimizer(optimizer(), timer)))
+    return stack
+
+
+def timing_hand_parts(hand: FP3O, timer: PartTimer) -> ExitStack:
+    """Patches that time the parts of the hand-written loop's minibatch steps."""
+    parts = [(hand, "loss", "forward (the loss)"), (torch.Tensor, "backward", "backward")]
+    stack = timing(timer, [*parts, (hand, "clip_gradients", "clipping")])
+    stack.enter_context(mock.patch.object(hand, "optimizer", TimedOptimizer(hand.optimizer, timer)))
+    return stack
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mamujoco/halfcheetah_6x1.yaml")
@@ -120,6 +196,26 @@ def main() -> None:
     print(f"{'':<34}{'ours':>10}{'hand-written':>14}")
     for label, reduce in (("a whole phase: median", statistics.median), ("a whole phase: least", min)):
         print(f"{label:<34}{reduce(times['ours']):>10.0f}{reduce(times['hand-written']):>14.0f}")
+    timers = {name: PartTimer() for name in phases}
+    timing = {"ours": lambda: timing_our_parts(learner, timers["ours"])}
+    timing["hand-written"] = lambda: timing_hand_parts(hand, timers["hand-written"])
+    totals = dict.fromkeys(phases, 0.0)
+    for _ in range(args.turns):
+        for name, phase in phases.items():
+            with timing[name]():
+                start = time.perf_counter()
+                phase()
+                totals[name] += time.perf_counter() - start
+    per_step = 1e6 / (args.turns * steps)
+    parts = list(dict.fromkeys([*timers["ours"].seconds, *timers["hand-written"].seconds]))
+    for part in [*parts, "the rest"]:
+        row = []
+        for name, timer in timers.items():
+            seconds = timer.seconds.get(part)
+            if part == "the rest":
+                seconds = totals[name] - sum(timer.seconds.values())
+            row.append("-" if seconds is None else f"{seconds * per_step:.0f}")
+        print(f"{'  in the loop: ' + part:<34}{row[0]:>10}{row[1]:>14}")
     ours, theirs = our_parts(learner, batch), hand_parts(hand, hand_batch)
     for part in ours:
         first, second = microseconds(ours[part], args.calls), microseconds(theirs[part], args.calls)
