@@ -128,7 +128,7 @@ class TimedActor(RolloutActor):
     the calls return before the kernels finish: there it times the host's part."""
 
     def __init__(self, actor: RolloutActor) -> None:
-        super().__init__(actor.policy, actor.masked, actor.log_prob, actor.compile)
+        super().__init__(actor.policy, actor.masked, actor.log_prob, actor.compiled)
         self.seconds: list[float] = []
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:

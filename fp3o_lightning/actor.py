@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -23,10 +24,13 @@ def policy_step(
     return (None if noise is None else outputs[0] + outputs[1] * noise), outputs
 
 
-#: :func:`policy_step` compiled (at first use; once per input shape, grad mode and policy). The policy is
-#: an argument rather than captured, so that a copy of the actor (the collector's, on another device)
-#: runs its own copy of the policy. The noise is drawn outside: a compiled graph draws its own stream.
-compiled_policy_step = torch.compile(policy_step, dynamic=False)
+@functools.cache
+def compiled_policy_step() -> Any:
+    """:func:`policy_step` compiled by ``torch.compile``, made at first use (compiled once per input shape,
+    grad mode and policy). The policy is an argument rather than captured, so that a copy of the actor (the
+    collector's, on another device) runs its own copy of the policy. The noise is drawn outside: a compiled
+    graph draws its own random stream."""
+    return torch.compile(policy_step, dynamic=False)
 
 
 class RolloutActor(TensorDictModuleBase):
@@ -50,7 +54,7 @@ class RolloutActor(TensorDictModuleBase):
         self, policy: MultiAgentPolicy, masked: bool, log_prob: bool = False, compile: bool = False
     ) -> None:
         super().__init__()
-        self.policy, self.masked, self.log_prob, self.compile = policy, masked, log_prob, compile
+        self.policy, self.masked, self.log_prob, self.compiled = policy, masked, log_prob, compile
         self.inputs = {"observation": OBSERVATION} | ({"action_mask": ACTION_MASK} if masked else {})
         if policy.recurrent:
             self.inputs |= {"hidden": HIDDEN, "is_init": IS_INIT}
@@ -74,11 +78,11 @@ class RolloutActor(TensorDictModuleBase):
 
     def _step(self, inputs: dict[str, Tensor], deterministic: bool) -> tuple[Tensor | None, Any]:
         """The action where the compiled step samples it (``None`` otherwise) and the policy's outputs."""
-        if not self.compile:
+        if not self.compiled:
             return None, self.policy(**inputs)
         noise = None
         if not (self.policy.discrete or deterministic):
             observation = inputs["observation"]
             shape = (*observation.shape[:-1], self.policy.action_size)
             noise = torch.randn(shape, device=observation.device, dtype=observation.dtype)
-        return compiled_policy_step(self.policy, inputs, noise)
+        return compiled_policy_step()(self.policy, inputs, noise)

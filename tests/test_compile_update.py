@@ -77,7 +77,7 @@ def test_compiled_actor_acts_like_the_eager_one(overrides: dict, device: str) ->
     env = module.build_env(3)
     start = env.reset().to(device)
     actors = {compile: module.make_actor(log_prob=True) for compile in (False, True)}
-    actors[True].compile = True
+    actors[True].compiled = True
     for exploration in (ExplorationType.RANDOM, ExplorationType.DETERMINISTIC):
         acted, after = {}, {}
         for compile, actor in actors.items():
