@@ -26,10 +26,11 @@ def policy_step(
 
 @functools.cache
 def compiled_policy_step() -> Any:
-    """:func:`policy_step` compiled by ``torch.compile``, made at first use (compiled once per input shape,
-    grad mode and policy). The policy is an argument rather than captured, so that a copy of the actor (the
-    collector's, on another device) runs its own copy of the policy. The noise is drawn outside: a compiled
-    graph draws its own random stream."""
+    """:func:`policy_step` compiled by ``torch.compile`` (compiled once per input shape, grad mode and
+    policy). Made at first use, not at import: made at import, it measured eager rollouts of every run
+    slower (see ``benchmarks/train_throughput.py``). The policy is an argument rather than captured, so
+    that a copy of the actor (the collector's, on another device) runs its own copy of the policy. The
+    noise is drawn outside: a compiled graph draws its own random stream."""
     return torch.compile(policy_step, dynamic=False)
 
 
