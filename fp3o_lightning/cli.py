@@ -277,9 +277,8 @@ class FP3OCLI(LightningCLI):
         Trainer's device) and, when the command trains (``update``), ``compile_update`` on the CPU."""
         hp = self.model.hparams
         on_cpu = self.trainer.strategy.root_device.type == "cpu"
-        options = [name for name in ("compile_update", "compile_actor") if hp[name]]
-        if not (update and on_cpu):  # the update is not compiled here, or not for the CPU
-            options = [name for name in options if name != "compile_update"]
+        options = ["compile_update"] * bool(update and on_cpu and hp.compile_update)
+        options += ["compile_actor"] * bool(hp.compile_actor)
         if options:
             check_cpp_compiler(options)
 
@@ -340,7 +339,7 @@ def check_cpp_compiler(options: list[str]) -> None:
         raise RuntimeError(
             f"{names} needs a C++ compiler for torch.compile on the CPU and found none "
             f"({error}). Fix: install one (e.g. `apt-get install g++`, or point the CXX environment "
-            f"variable at one), or train without compiling: {fix}"
+            f"variable at one), or run without compiling: {fix}"
         ) from error
 
 

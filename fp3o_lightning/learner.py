@@ -356,13 +356,13 @@ class PPOLearner:
                 # The network a phase does not train keeps gradients of None, which Adam skips.
                 optimizer.zero_grad()
                 self.backward(loss)
-                grads = []
-                for parameters, per_agent in trained:
+                norms = [
                     clip_gradients(parameters, hp.max_grad_norm, per_agent)
-                    grads += [p.grad for p in parameters if p.grad is not None]
-                # A non-finite step changes nothing. Gradients are all-reduced under DDP, so every
-                # process takes the same decision.
-                found_infs.append(skip_step_unless_finite(optimizer.optimizer, grads))
+                    for parameters, per_agent in trained
+                ]
+                # A non-finite gradient has a non-finite norm: such a step changes nothing. Gradients are
+                # all-reduced under DDP, so every process takes the same decision.
+                found_infs.append(skip_step_unless_finite(optimizer.optimizer, norms))
                 optimizer.step()
                 if freezer is not None:
                     freezer.restore()

@@ -73,8 +73,9 @@ class AgentFreezer:
                     state[key].index_copy_(0, self.index, saved[key])
 
 
-def skip_step_unless_finite(optimizer: torch.optim.Optimizer, grads: Sequence[Tensor]) -> Tensor:
-    """Make the optimiser's next ``step()`` a no-op where any of ``grads`` holds a NaN or an Inf.
+def skip_step_unless_finite(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> Tensor:
+    """Make the optimiser's next ``step()`` a no-op where any of ``tensors`` (the gradients, or their
+    norms) holds a NaN or an Inf.
 
     No host sync: one foreach kernel (the check AMP's ``GradScaler`` makes, at a scale of 1) sets the
     ``found_inf`` tensor that torch's fused optimisers read, and the fused kernel then leaves parameters,
@@ -83,8 +84,8 @@ def skip_step_unless_finite(optimizer: torch.optim.Optimizer, grads: Sequence[Te
     """
     if not optimizer.defaults.get("fused"):
         raise ValueError("skip_step_unless_finite needs an optimiser built with fused=True")
-    found_inf = torch.zeros((), device=grads[0].device)
-    scale = torch.ones((), device=grads[0].device)
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, scale)
+    found_inf = torch.zeros((), device=tensors[0].device)
+    scale = torch.ones((), device=tensors[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found_inf, scale)
     optimizer.found_inf = found_inf
     return found_inf

@@ -151,7 +151,8 @@ class ValueNormalizer(nn.Module):
     @torch.no_grad()
     def update(self, moments: Tensor) -> None:
         """Fold in a batch's ``moments`` (all-reduce them first under DDP): ``x <- beta x + (1 - beta) m``
-        for both moments and the debiasing term, in two foreach calls (it runs at every minibatch)."""
+        for both moments and the debiasing term, in two foreach calls and one ``add_`` (it runs at every
+        minibatch)."""
         statistics = [self.running_mean, self.running_mean_sq]
         torch._foreach_mul_([*statistics, self.debiasing_term], self.beta)
         torch._foreach_add_(statistics, list((moments * (1.0 - self.beta)).unbind(0)))
