@@ -8,7 +8,7 @@
 # environments again with compile_update and TF32 (matmul_precision high), in $OUT/gpu_fast.json.
 # It expects the machine's package tarball in .device/ (cp ../shared/device/gpu-site-py312.tar.xz),
 # the EGL debs in .gl/ and the PyOpenGL wheel in .whl/ (see ../shared/device/README.md), carried with the
-# run. Set-up 30 s; tests (105 s on an H200), benchmark and fast-settings benchmark cut at 200, 200 and
+# run. Set-up 30 s; tests (105 s on an H200), benchmark and fast-settings benchmark cut at 220, 180 and
 # 150 s: under 10 min in all.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +22,13 @@ ls /usr/local/nvidia/share/glvnd/egl_vendor.d/ >/dev/null 2>&1 || unset __EGL_VE
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchrl, lightning; print(torch.__version__, torch.version.cuda, torchrl.__version__, lightning.__version__)" | tee -a "$OUT/gpu.txt"
 echo "== setup $(( $(date +%s) - t0 )) s"
-timeout 200 python3 -m pytest -v -o addopts="" -p no:cacheprovider -rs --durations=20 \
+timeout 220 python3 -m pytest -v -o addopts="" -p no:cacheprovider -rs --durations=20 \
   -k "(cuda or gpu or trainer_device) and not smax" tests/test_devices.py tests/test_vmas_env.py \
   tests/test_masked_game.py tests/test_compile_update.py tests/test_nonfinite.py >"$OUT/tests.log" 2>&1
 echo "== pytest exit $? (124: timed out)"
 grep -E "^(E |FAILED|ERROR|SKIPPED)|passed|failed|s call " "$OUT/tests.log" | tail -45
 echo "== tests done $(( $(date +%s) - t0 )) s"
-timeout 200 python3 benchmarks/gpu.py --json "$OUT/gpu.json" 2>"$OUT/gpu_stderr.log" | tee "$OUT/gpu_bench.txt"
+timeout 180 python3 benchmarks/gpu.py --json "$OUT/gpu.json" 2>"$OUT/gpu_stderr.log" | tee "$OUT/gpu_bench.txt"
 echo "== benchmark exit $? (124: timed out); $(( $(date +%s) - t0 )) s"
 timeout 150 python3 benchmarks/gpu.py --no-halfcheetah --vmas-envs 4096 16384 --compile-update \
   --matmul-precision high --json "$OUT/gpu_fast.json" 2>"$OUT/gpu_fast_stderr.log" | tee "$OUT/gpu_fast.txt"
