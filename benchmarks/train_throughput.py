@@ -31,6 +31,7 @@ import inspect
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,12 +85,12 @@ def fit_throughput(model: dict[str, Any], iterations: int, accelerator: str) -> 
     """Train ``FP3OModule(**model)`` for ``iterations`` iterations on a ``Trainer(accelerator=...)``."""
     frames = frames_per_batch(model)
     module = FP3OModule(**(model | {"total_frames": iterations * frames}))
-    make_actor, timed = module.make_actor, []
+    make_actor, timed, policy_seconds = module.make_actor, [], []
 
     def collectors_actor_timed(log_prob: bool = False) -> RolloutActor:
         actor = make_actor(log_prob)
         if not timed:  # the first actor is the collector's (the evaluations make their own)
-            actor = TimedActor(actor)
+            actor = TimedActor(actor, policy_seconds.append)
             timed.append(actor)
         return actor
 
@@ -117,7 +118,7 @@ def fit_throughput(model: dict[str, Any], iterations: int, accelerator: str) -> 
         rollout_seconds=steady(recorder.series("train/rollout_seconds")),
         update_seconds=steady(recorder.series("train/update_seconds")),
         policy_us_per_step=policy_us_per_step(module),
-        policy_in_situ_us_per_step=1e6 * timed[0].steady_seconds(option(model, "rollout_length")),
+        policy_in_situ_us_per_step=1e6 * steady_seconds(policy_seconds, option(model, "rollout_length")),
         update_gflop=update_flops(module, steady(gate) if gate else 1.0) / 1e9,
     )
 
@@ -125,22 +126,26 @@ def fit_throughput(model: dict[str, Any], iterations: int, accelerator: str) -> 
 class TimedActor(RolloutActor):
     """A rollout actor that times its calls: the policy in situ, between the environment's steps, where
     the simulation has evicted it from the CPU's caches (as ``handwritten_fp3o`` times its own). On CUDA
-    the calls return before the kernels finish: there it times the host's part."""
+    the calls return before the kernels finish: there it times the host's part.
 
-    def __init__(self, actor: RolloutActor) -> None:
+    Each call's seconds go to ``record`` (a list's ``append``), not to the actor: a collector whose policy
+    runs on another device than the module's (a CPU environment beside a CUDA learner) runs a deep copy
+    of the actor, and a builtin method is not copied with it, so the copy records into the same list."""
+
+    def __init__(self, actor: RolloutActor, record: Callable[[float], None]) -> None:
         super().__init__(actor.policy, actor.masked, actor.log_prob, actor.compiled)
-        self.seconds: list[float] = []
+        self.record = record
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         start = time.perf_counter()
         tensordict = super().forward(tensordict)
-        self.seconds.append(time.perf_counter() - start)
+        self.record(time.perf_counter() - start)
         return tensordict
 
-    def steady_seconds(self, calls_per_rollout: int) -> float:
-        """Seconds per call, without the first (warm-up) rollout's calls when there are more."""
-        seconds = self.seconds[calls_per_rollout:] or self.seconds
-        return statistics.mean(seconds)
+
+def steady_seconds(seconds: list[float], calls_per_rollout: int) -> float:
+    """Seconds per call, without the first (warm-up) rollout's calls when there are more."""
+    return statistics.mean(seconds[calls_per_rollout:] or seconds)
 
 
 def synchronize(device: torch.device) -> None:

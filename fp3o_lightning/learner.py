@@ -53,6 +53,25 @@ def split_minibatches(batch: TensorDictBase, index: Tensor, size: int) -> list[M
     return [dict(zip(leaves, parts, strict=True)) for parts in zip(*leaves.values(), strict=True)]
 
 
+def compile_options(device: torch.device) -> dict[str, bool] | None:
+    """``torch.compile``'s options for the minibatch loss on ``device``: the defaults on the CPU. On CUDA,
+    CUDA graphs (the ``reduce-overhead`` mode's one option): the forward and backward graphs are captured
+    and replayed, one launch each instead of dozens of kernels of the paper's small networks. And no
+    mix-order reduction, Inductor's fused kernel for a norm's backward (on by default since torch 2.10):
+    it returned a [256] gradient for a [1, 1, 256] parameter (FuPS MAPPO on VMAS balance, 51,200 rows a
+    minibatch, torch 2.11 on an H200; pytorch/pytorch#178080), and it has computed wrong gradients
+    silently (pytorch/pytorch#193061). A flag, not a mode: ``torch.compile`` takes one or the other.
+    """
+    from torch._inductor import config  # torch.compile's own; imported at compile time either way
+
+    if device.type != "cuda":
+        return None
+    options = {"triton.cudagraphs": True}
+    if hasattr(config.triton, "mix_order_reduction"):  # torch >= 2.10
+        options["triton.mix_order_reduction"] = False
+    return options
+
+
 class PPOLearner:
     """PPO-clip on the agents' policy and the critic, for one module's networks and optimisers.
 
@@ -280,14 +299,11 @@ class PPOLearner:
         return loss, policy_loss, entropy, value_loss, log_prob
 
     def compiled_minibatch_loss(self) -> Any:
-        """:meth:`minibatch_loss` compiled by ``torch.compile`` (once per process, at first use).
-
-        On CUDA in the ``reduce-overhead`` mode: the forward and backward graphs are captured as CUDA
-        graphs and replayed, one launch each instead of dozens of kernels of the paper's small networks.
-        """
+        """:meth:`minibatch_loss` compiled by ``torch.compile`` (once per process, at first use), with
+        :func:`compile_options` for the device."""
         if self._compiled_loss is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._compiled_loss = torch.compile(self.minibatch_loss, dynamic=False, mode=mode)
+            options = compile_options(self.device)
+            self._compiled_loss = torch.compile(self.minibatch_loss, dynamic=False, options=options)
         return self._compiled_loss
 
     def ppo_phase(

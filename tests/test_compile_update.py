@@ -42,6 +42,22 @@ def test_compiled_update_trains_like_the_eager_one(overrides: dict, accelerator:
     """Same seed, one iteration: every parameter ends where the eager update puts it (to float
     rounding; the compiled kernels sum in other orders), and every parameter moved. On CUDA the
     compiled update replays CUDA graphs (``reduce-overhead``)."""
+    _assert_compiled_trains_like_eager(accelerator, overrides)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_compiled_update_trains_like_the_eager_one_at_large_minibatches_on_cuda() -> None:
+    """VMAS balance with FuPS MAPPO, 2 x 256 units and 51,200 rows a minibatch (4096 environments), where
+    Inductor's mix-order reduction made the compiled backward return a [256] gradient for a [1, 1, 256]
+    parameter (torch 2.11): the compiled update trains like the eager one there too."""
+    pytest.importorskip("vmas")
+    env = {"name": "vmas", "scenario": "balance", "n_agents": 4, "max_episode_steps": 100}
+    overrides = {"env": env, "algorithm": "mappo", "sharing": "fups", "hidden_size": 256, "depth": 2}
+    overrides |= {"num_envs": 4096, "rollout_length": 25, "num_minibatches": 2, "ppo_epochs": 1}
+    _assert_compiled_trains_like_eager("cuda", overrides)
+
+
+def _assert_compiled_trains_like_eager(accelerator: str, overrides: dict) -> None:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     start = {name: p.detach().clone() for name, p in small_module(**overrides).named_parameters()}
