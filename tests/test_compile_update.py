@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from torch._inductor import config as inductor_config
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from fp3o_lightning.keys import ACTION, LOG_PROB
+from fp3o_lightning.learner import compile_options
 
 from .conftest import fit_quietly, small_module
 
@@ -55,6 +57,19 @@ def test_compiled_update_trains_like_the_eager_one_at_large_minibatches_on_cuda(
     overrides = {"env": env, "algorithm": "mappo", "sharing": "fups", "hidden_size": 256, "depth": 2}
     overrides |= {"num_envs": 4096, "rollout_length": 25, "num_minibatches": 2, "ppo_epochs": 1}
     _assert_compiled_trains_like_eager("cuda", overrides)
+
+
+def test_cuda_compile_options_capture_graphs_without_mix_order_reduction() -> None:
+    """On CUDA the minibatch loss compiles with CUDA graphs and, where torch has it, without Inductor's
+    mix-order reduction (its backward broke at large minibatches on torch 2.11); on the CPU with the
+    defaults. ``torch.compile`` accepts them and the compiled function computes what the eager one does."""
+    options = compile_options(torch.device("cuda"))
+    assert options is not None and options["triton.cudagraphs"] is True
+    assert options.get("triton.mix_order_reduction", False) is False
+    assert ("triton.mix_order_reduction" in options) == hasattr(inductor_config.triton, "mix_order_reduction")
+    assert compile_options(torch.device("cpu")) is None
+    x = torch.linspace(-1.0, 1.0, 8)
+    torch.testing.assert_close(torch.compile(torch.sin, dynamic=False, options=options)(x), x.sin())
 
 
 def _assert_compiled_trains_like_eager(accelerator: str, overrides: dict) -> None:
