@@ -8,7 +8,7 @@
 # environments again with compile_update and TF32 (matmul_precision high), in $OUT/gpu_fast.json.
 # It expects the machine's package tarball in .device/ (cp ../shared/device/gpu-site-py312.tar.xz),
 # the EGL debs in .gl/ and the PyOpenGL wheel in .whl/ (see ../shared/device/README.md), carried with the
-# run. Set-up 30 s; tests (105 s on an H200), benchmark and fast-settings benchmark cut at 220, 180 and
+# run. Set-up 30 s; tests (136 s on an H200), benchmark and fast-settings benchmark cut at 220, 180 and
 # 150 s: under 10 min in all.
 set -u -o pipefail
 cd "$(dirname "$0")/.."

@@ -62,10 +62,10 @@ def compile_options(device: torch.device) -> dict[str, bool] | None:
     minibatch, torch 2.11 on an H200; pytorch/pytorch#178080), and it has computed wrong gradients
     silently (pytorch/pytorch#193061). A flag, not a mode: ``torch.compile`` takes one or the other.
     """
-    from torch._inductor import config  # torch.compile's own; imported at compile time either way
-
     if device.type != "cuda":
         return None
+    from torch._inductor import config  # torch.compile's own, imported when it compiles anyway
+
     options = {"triton.cudagraphs": True}
     if hasattr(config.triton, "mix_order_reduction"):  # torch >= 2.10
         options["triton.mix_order_reduction"] = False

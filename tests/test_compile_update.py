@@ -73,6 +73,7 @@ def test_cuda_compile_options_capture_graphs_without_mix_order_reduction() -> No
 
 
 def _assert_compiled_trains_like_eager(accelerator: str, overrides: dict) -> None:
+    """One iteration eager and one compiled from the same seed end with the same parameters, all moved."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     start = {name: p.detach().clone() for name, p in small_module(**overrides).named_parameters()}
