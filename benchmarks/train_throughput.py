@@ -85,14 +85,11 @@ def fit_throughput(model: dict[str, Any], iterations: int, accelerator: str) -> 
     """Train ``FP3OModule(**model)`` for ``iterations`` iterations on a ``Trainer(accelerator=...)``."""
     frames = frames_per_batch(model)
     module = FP3OModule(**(model | {"total_frames": iterations * frames}))
-    make_actor, timed, policy_seconds = module.make_actor, [], []
+    make_actor, policy_seconds = module.make_actor, []
 
     def collectors_actor_timed(log_prob: bool = False) -> RolloutActor:
-        actor = make_actor(log_prob)
-        if not timed:  # the first actor is the collector's (the evaluations make their own)
-            actor = TimedActor(actor, policy_seconds.append)
-            timed.append(actor)
-        return actor
+        module.make_actor = make_actor  # the first actor is the collector's (the evaluations make their own)
+        return TimedActor(make_actor(log_prob), policy_seconds.append)
 
     module.make_actor = collectors_actor_timed
     recorder = MetricsRecorder()

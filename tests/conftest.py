@@ -11,6 +11,11 @@ from fp3o_lightning.envs import ENV_REGISTRY, EnvEntry
 from fp3o_lightning.keys import LOG_PROB
 from fp3o_lightning.module import FP3OModule
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+"""Skips a test, or a parameter, where torch sees no CUDA device."""
+CUDA = pytest.param("cuda", marks=NEEDS_CUDA)
+"""The ``"cuda"`` parameter of a test parametrised by device, skipped without CUDA."""
+
 SMALL = {
     "env": {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 100},
     "num_envs": 2,

@@ -12,10 +12,9 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from fp3o_lightning.keys import ACTION, LOG_PROB
 from fp3o_lightning.learner import compile_options
 
-from .conftest import fit_quietly, small_module
+from .conftest import CUDA, NEEDS_CUDA, fit_quietly, small_module
 
 SMAX_3M = {"name": "smax", "map_name": "3m"}
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))
 
 
 def _trained_parameters(accelerator: str = "cpu", **overrides) -> dict[str, torch.Tensor]:
@@ -47,7 +46,7 @@ def test_compiled_update_trains_like_the_eager_one(overrides: dict, accelerator:
     _assert_compiled_trains_like_eager(accelerator, overrides)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@NEEDS_CUDA
 def test_compiled_update_trains_like_the_eager_one_at_large_minibatches_on_cuda() -> None:
     """VMAS balance with FuPS MAPPO, 2 x 256 units and 51,200 rows a minibatch (4096 environments), where
     Inductor's mix-order reduction made the compiled backward return a [256] gradient for a [1, 1, 256]

@@ -19,9 +19,8 @@ import torch
 from fp3o_lightning.cli import main
 from fp3o_lightning.envs import ENV_REGISTRY, env_class
 
-from .conftest import fit_quietly, small_module
+from .conftest import CUDA, NEEDS_CUDA, fit_quietly, small_module
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 HOPPER = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 40}
 SMAX = {"name": "smax", "map_name": "3m", "max_episode_steps": 40}
 VMAS = {"name": "vmas", "scenario": "balance", "n_agents": 3, "max_episode_steps": 40}
@@ -66,7 +65,7 @@ def _params():
     for name, (options, marks) in CASES.items():
         cpu_marks = marks if name in CPU_BY_DEFAULT else [*marks, pytest.mark.slow]
         yield pytest.param(options, "cpu", marks=cpu_marks, id=f"{name}-cpu")
-        yield pytest.param(options, "cuda", marks=[*marks, CUDA], id=f"{name}-cuda")
+        yield pytest.param(options, "cuda", marks=[*marks, NEEDS_CUDA], id=f"{name}-cuda")
 
 
 class DeviceProbe(L.Callback):
@@ -120,7 +119,7 @@ def _resumes():
     masked = (MASKED_ON_DEVICE, {"sharing": "paps", **RNN})
     for name, (env, options) in {"mamujoco": (HOPPER, {}), "masked_on_device-paps-rnn": masked}.items():
         for first, second in (("cuda", "cpu"), ("cpu", "cuda")):
-            yield pytest.param(env, options, first, second, marks=CUDA, id=f"{name}-{first}-{second}")
+            yield pytest.param(env, options, first, second, marks=NEEDS_CUDA, id=f"{name}-{first}-{second}")
     yield pytest.param(*masked, "cpu", "cpu", id="masked_on_device-paps-rnn-cpu-cpu")
 
 
@@ -156,7 +155,7 @@ def test_a_checkpoint_resumes_on_the_other_device(
     assert checkpoint["fp3o"]["frames"] == 160
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@NEEDS_CUDA
 @_needs("OpenGL")  # MuJoCo's EGL backend
 def test_render_from_a_cuda_module(tmp_path) -> None:
     from fp3o_lightning.render import render_episode
@@ -166,7 +165,7 @@ def test_render_from_a_cuda_module(tmp_path) -> None:
     assert path.stat().st_size > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@NEEDS_CUDA
 def test_rollout_policy_on_the_trainer_device_option() -> None:
     module = small_module(env=HOPPER, rollout_device="trainer", total_frames=64, rollout_length=32)
     probe = DeviceProbe()
@@ -174,7 +173,7 @@ def test_rollout_policy_on_the_trainer_device_option() -> None:
     assert probe.seen[0]["rollout_policy"] == {"cuda"} and probe.seen[0]["env"] == "cpu"
 
 
-@CUDA
+@NEEDS_CUDA
 def test_evaluation_follows_the_module_onto_cuda() -> None:
     """An environment that simulates on the module's device is rebuilt there for evaluation."""
     module = small_module(env=MASKED_ON_DEVICE, eval_episodes=2, eval_num_envs=2)
@@ -191,7 +190,7 @@ class MatmulPrecisionProbe(L.Callback):
         module._runtime["seen_precision"] = torch.get_float32_matmul_precision()
 
 
-@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("accelerator", ["cpu", CUDA])
 def test_matmul_precision_holds_while_the_run_trains(accelerator: str) -> None:
     before = torch.get_float32_matmul_precision()
     try:

@@ -6,11 +6,10 @@ import pytest
 import torch
 from torchrl.envs.utils import ExplorationType, check_env_specs
 
-from .conftest import sampled_rollout, small_module
+from .conftest import NEEDS_CUDA, sampled_rollout, small_module
 from .masked_game import MaskedGameEnv, MaskedGameOnDeviceEnv
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=CUDA, id="cuda")]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=NEEDS_CUDA, id="cuda")]
 MASK, ALIVE, ACTION = ("agents", "action_mask"), ("agents", "alive"), ("agents", "action")
 
 

@@ -7,17 +7,14 @@ import torch
 
 from fp3o_lightning.optim import skip_step_unless_finite
 
-from .conftest import fit_quietly, small_module
+from .conftest import CUDA, fit_quietly, small_module
 
 
 def parameters(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
-)
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_a_step_with_nonfinite_gradients_changes_nothing(device: str):
     weight = torch.nn.Parameter(torch.ones(3, device=device))
     optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)

@@ -18,10 +18,9 @@ from fp3o_lightning.envs import make_env  # noqa: E402
 from fp3o_lightning.envs.vmas import VMASEnv, vmas_scenarios  # noqa: E402
 from fp3o_lightning.module import FP3OModule  # noqa: E402
 
-from .conftest import fit_quietly  # noqa: E402
+from .conftest import CUDA, NEEDS_CUDA, fit_quietly  # noqa: E402
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+DEVICES = ["cpu", CUDA]
 
 
 def _random_actions(env: VMASEnv, steps: int, seed: int) -> torch.Tensor:
@@ -342,7 +341,7 @@ def test_unknown_scenario_and_bad_arguments() -> None:
         env.to("meta")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("device", DEVICES)
 def test_simulates_on_its_device_and_reseeds(device: str) -> None:
     env = VMASEnv("balance", num_envs=4, seed=0, device=device)
     check_env_specs(env)  # draws from the env's streams: the rollouts below reseed first
@@ -367,7 +366,7 @@ class _DeviceProbe(L.Callback):
 @pytest.mark.parametrize("algorithm", ["mappo", "fp3o"])
 @pytest.mark.parametrize(
     "accelerator",
-    ["cpu", pytest.param("gpu", marks=needs_cuda)],
+    ["cpu", pytest.param("gpu", marks=NEEDS_CUDA)],
 )
 def test_training_runs_the_whole_loop_on_the_training_device(algorithm: str, accelerator: str) -> None:
     """Through the registry: the environment is simulated where the module trains (CUDA when used)."""
