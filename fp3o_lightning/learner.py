@@ -79,12 +79,15 @@ class PPOLearner:
         policy, critic, value_normalizer: the networks (owned, and checkpointed, by the module).
         hparams: the module's hyperparameters (the update's: ``clip_epsilon``, ``ppo_epochs``,
             ``num_minibatches``, ``entropy_coef``, ``max_grad_norm``, ``huber_delta``, ``value_clip``,
-            ``value_norm_update``, ``compile_update``, ``gamma``, ``gae_lambda``, ``time_limit``).
+            ``compile_update``, ``gamma``, ``gae_lambda``, ``time_limit``).
         param_keys: the rollout's keys of the action distribution's parameters.
         critic_keys: the critic's inputs, concatenated per agent (``"state"`` and/or the observation).
         alive: leave dead agents (``("agents", "alive")``) out of the policy loss and entropy.
         masked: the batch carries an action mask.
         chunk_length: steps per replayed sequence (1 unless a network is recurrent).
+        value_norm_folds: how many times the value normaliser folds in each minibatch's targets before
+            its value loss (2 as the paper's code, whose value loss normalises the targets twice); 0: once
+            per iteration, on the whole batch, in :meth:`compute_advantages`.
         generator: the seeded generator of minibatch orders (and of the schemes' agent orders).
         optimizer: the one optimiser of the actors and the critic (Lightning's wrapper).
         backward: backpropagates a loss under the Trainer's strategy and precision.
@@ -103,6 +106,7 @@ class PPOLearner:
         alive: bool,
         masked: bool,
         chunk_length: int,
+        value_norm_folds: int,
         generator: torch.Generator,
         optimizer: Callable[[], LightningOptimizer],
         backward: Callable[[Tensor], None],
@@ -113,6 +117,7 @@ class PPOLearner:
         self.hparams = hparams
         self.param_keys, self.critic_keys = tuple(param_keys), tuple(critic_keys)
         self.alive, self.masked, self.chunk_length, self.generator = alive, masked, chunk_length, generator
+        self.value_norm_folds = value_norm_folds
         self.optimizer, self.backward = optimizer, backward
         self.all_reduce_sum, self.world_size = all_reduce_sum, world_size
         self.n_agents = policy.n_agents
@@ -203,7 +208,7 @@ class PPOLearner:
             done=done.expand(*value.shape[:-1], width),
             terminated=terminated.expand(*value.shape[:-1], width),
         )
-        if self.hparams.value_norm_update == "iteration":
+        if not self.value_norm_folds:
             self.update_value_normalizer(target)
         keys = [OBSERVATION, ACTION, "state"] + [ACTION_MASK] * self.masked + [ALIVE] * self.alive
         recurrent = self.policy.recurrent or self.critic.recurrent
@@ -211,7 +216,7 @@ class PPOLearner:
         batch = rollout.select(*keys)
         if self.critic.recurrent:
             batch[CRITIC_HIDDEN] = critic_hidden
-        batch["advantage"] = normalize_advantage(advantage)
+        batch["advantage"] = normalize_advantage(advantage)  # = normalised target - denormalized_value
         batch["value"] = value
         batch["value_target"] = target
         # [num_envs, rollout_length] -> flat, environment-major: consecutive runs of chunk_length
@@ -225,13 +230,23 @@ class PPOLearner:
         batch[LOG_PROB] = self.policy.log_prob(params, batch[ACTION], batch.get(ACTION_MASK))
         return batch, explained_variance(denormalized_value, target)
 
-    def update_value_normalizer(self, target: Tensor) -> None:
-        """Fold value targets (denormalised) into the value normaliser, averaged over DDP processes."""
+    def update_value_normalizer(self, target: Tensor, times: int = 1) -> None:
+        """Fold value targets (denormalised) into the value normaliser ``times`` times, averaged over DDP
+        processes."""
         moments = self.value_normalizer.moments(target)
         world_size = self.world_size()
         if world_size > 1:
             moments = self.all_reduce_sum(moments) / world_size
-        self.value_normalizer.update(moments)
+        self.value_normalizer.update(moments, times)
+
+    @torch.no_grad()
+    def recompute_advantages(self, batch: TensorDictBase) -> None:
+        """The batch's advantages again, from its returns and rollout values under the value normaliser
+        as it is now, normalised per agent: ``normalize(value_target - denormalize(value))``, as the
+        paper's code computes them at the start of each phase (its statistics move while the critic
+        trains)."""
+        advantage = batch["value_target"] - self.value_normalizer.denormalize(batch["value"])
+        batch["advantage"] = normalize_advantage(advantage)
 
     def distribution_params(self, batch: TensorDictBase | Minibatch) -> tuple[Tensor, ...]:
         """The current policy's distribution parameters on a flat update batch (or a minibatch of
@@ -358,8 +373,8 @@ class PPOLearner:
             minibatches = split_minibatches(batch, index, size)
             factors = [None] * len(minibatches) if factor is None else factor[index].split(size)
             for minibatch, minibatch_factor in zip(minibatches, factors, strict=True):
-                if train_critic and hp.value_norm_update == "minibatch":
-                    self.update_value_normalizer(minibatch["value_target"])
+                if train_critic and self.value_norm_folds:
+                    self.update_value_normalizer(minibatch["value_target"], self.value_norm_folds)
                 if hp.compile_update and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
                 loss, policy_loss, entropy, value_loss, log_prob = minibatch_loss(

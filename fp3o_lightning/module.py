@@ -49,7 +49,9 @@ from fp3o_lightning.schemes import SCHEMES, make_scheme
 NONFINITE = ("skip", "stop")
 TIME_LIMITS = ("terminal", "bootstrap")
 CRITICS = ("agent", "team")
-VALUE_NORM_UPDATES = ("minibatch", "iteration")
+VALUE_NORM_UPDATES = ("auto", "value_loss", "minibatch", "iteration")
+DEPENDENCE_ADVANTAGES = ("recompute", "reuse")
+EVAL_STARTS = ("fresh", "fixed")
 ROLLOUT_DEVICES = ("env", "trainer")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 CRITIC_INPUTS = ("auto", "state", "state_and_observation")
@@ -63,6 +65,8 @@ LEGACY_HPARAMS: dict[str, Any] = {
     "active_masks": False,
     "agent_id": False,
     "value_norm_update": "iteration",
+    "dependence_advantage": "reuse",
+    "eval_starts": "fixed",
     "paps_head_lr_scale": False,
     "critic_network": "mlp",
 }
@@ -143,9 +147,17 @@ class FP3OModule(L.LightningModule):
             gate (the paper code's ``use_policy_active_masks``).
         agent_id: append the agent's one-hot id to every agent's observation and to the critic's
             input, for every network type (the paper's code); ``False``: FuPS only (which needs it).
-        value_norm_update: when the value normaliser folds in new value targets: ``minibatch`` (the
-            paper's code: before every minibatch's value loss, in every phase that trains the
-            critic) or ``iteration`` (once per iteration, on the whole batch).
+        value_norm_update: when the value normaliser folds in new value targets: ``value_loss`` (the
+            paper's code, and HAPPO's: its value loss normalises each minibatch's targets twice, for
+            the clipped and the unclipped error, and each normalisation folds them in, so the
+            statistics move twice per minibatch; with PaPS, whose loss is computed agent by agent,
+            2 x n_agents times, here in one closed-form fold of the whole minibatch), ``minibatch``
+            (MAPPO's code: once before every minibatch's value loss), in every phase that trains the
+            critic, or ``iteration`` (once per iteration, on the whole batch); ``auto`` (default):
+            ``value_loss`` for FP3O and HAPPO, ``minibatch`` for MAPPO and IPPO, as their codes do.
+        dependence_advantage: FP3O's dependence phase uses advantages computed again from the returns
+            and the rollout's values under the value normaliser as the independence phase left it,
+            normalised again (``recompute``, the paper's code); ``reuse``: the independence phase's.
         paps_head_lr_scale: with PaPS, the per-agent output layers and log-stds learn at
             ``actor_lr x n_agents`` (the paper code's optimiser); ``False``: at ``actor_lr``.
         hidden_size, depth: width and number of hidden layers of actor and critic.
@@ -166,6 +178,10 @@ class FP3OModule(L.LightningModule):
             Trainer's ``val_check_interval`` to it) and once more at the end of training; 0 never.
         eval_episodes: deterministic episodes per evaluation (32 in the paper).
         eval_num_envs: environments stepped in parallel during evaluation.
+        eval_starts: ``fresh`` (default, as the paper's code): each evaluation starts its episodes from
+            new initial states, seeded from the run's seed and the iteration (so a run, and a resumed
+            run, evaluates the same states at the same iteration); ``fixed``: every evaluation uses the
+            same initial states, so a fixed policy always scores the same.
         checkpoint_interval: save ``checkpoints/<run>/iteration=<k>.ckpt`` (and ``last.ckpt``) every
             this many iterations, and keep the best evaluation in ``best-iteration=<k>.ckpt``; 0
             never. Only when the Trainer's checkpointing is enabled.
@@ -223,7 +239,8 @@ class FP3OModule(L.LightningModule):
         critic_input: str = "auto",
         active_masks: bool = True,
         agent_id: bool = True,
-        value_norm_update: str = "minibatch",
+        value_norm_update: str = "auto",
+        dependence_advantage: str = "recompute",
         paps_head_lr_scale: bool = True,
         hidden_size: int = 64,
         depth: int = 2,
@@ -238,6 +255,7 @@ class FP3OModule(L.LightningModule):
         eval_interval: int = 25,
         eval_episodes: int = 32,
         eval_num_envs: int = 8,
+        eval_starts: str = "fresh",
         checkpoint_interval: int = 50,
         nonfinite: str = "skip",
         num_threads: int = 1,
@@ -314,6 +332,7 @@ class FP3OModule(L.LightningModule):
             alive=self.alive,
             masked=self.masked,
             chunk_length=self.chunk_length,
+            value_norm_folds=self.value_norm_folds,
             generator=self.generator,
             optimizer=self.optimizers,
             backward=self.manual_backward,
@@ -360,6 +379,8 @@ class FP3OModule(L.LightningModule):
             "time_limit": TIME_LIMITS,
             "critic": CRITICS,
             "value_norm_update": VALUE_NORM_UPDATES,
+            "dependence_advantage": DEPENDENCE_ADVANTAGES,
+            "eval_starts": EVAL_STARTS,
             "rollout_device": ROLLOUT_DEVICES,
             "critic_input": CRITIC_INPUTS,
             "critic_network": CRITIC_NETWORKS,
@@ -400,6 +421,17 @@ class FP3OModule(L.LightningModule):
         """Whether the critic is recurrent (``critic_network``; ``auto`` follows the actor)."""
         hp = self.hparams
         return hp.critic_network == "rnn" or (hp.critic_network == "auto" and hp.actor_network == "rnn")
+
+    @property
+    def value_norm_folds(self) -> int:
+        """How many times the value normaliser folds in each minibatch's targets (``value_norm_update``;
+        0: once per iteration instead)."""
+        hp = self.hparams
+        mode = hp.value_norm_update
+        if mode == "auto":
+            mode = "value_loss" if hp.algorithm in ("fp3o", "happo") else "minibatch"
+        per_loss = 2 * (self.n_agents if hp.sharing == "paps" else 1)
+        return {"iteration": 0, "minibatch": 1, "value_loss": per_loss}[mode]
 
     @property
     def chunk_length(self) -> int:
@@ -688,10 +720,11 @@ class FP3OModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Tensor]:
-        """``eval_episodes`` deterministic episodes on a separate environment with its own fixed seed.
+        """``eval_episodes`` deterministic episodes on a separate environment with its own seed.
 
-        The evaluation environment is reseeded every time, so a fixed policy always scores the same,
-        and rebuilt when the module has moved to another device since (for those that simulate there).
+        The evaluation environment is reseeded every time (:meth:`eval_seed`: the same starts at the same
+        iteration, new ones at each iteration unless ``eval_starts="fixed"``), and rebuilt when the
+        module has moved to another device since (for those that simulate there).
         Returns each episode's return and, where the environment reports wins (a ``"won"`` key),
         whether it was won.
         """
@@ -703,7 +736,7 @@ class FP3OModule(L.LightningModule):
             num_envs = min(hp.eval_num_envs, hp.eval_episodes)
             self._runtime["eval_env"] = self.build_env(num_envs)
         env, actor = self._runtime["eval_env"], self.make_actor()
-        env.set_seed(hp.seed + EVAL_SEED_OFFSET)
+        env.set_seed(self.eval_seed())
         returns, wins = [], []
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             while sum(r.numel() for r in returns) < hp.eval_episodes:
@@ -720,6 +753,15 @@ class FP3OModule(L.LightningModule):
         if wins:
             result["wins"] = torch.cat(wins)[: hp.eval_episodes]
         return result
+
+    def eval_seed(self) -> int:
+        """The evaluation environment's seed: the run's, offset from every training seed, and with
+        ``eval_starts="fresh"`` drawn anew for each iteration (from the run's seed and the iteration)."""
+        seed = self.hparams.seed + EVAL_SEED_OFFSET
+        if self.hparams.eval_starts == "fixed":
+            return seed
+        # 31 bits: sub-environment i takes the seed plus i, which every simulator must accept.
+        return int(np.random.SeedSequence((seed, self.iteration)).generate_state(1)[0] >> 1)
 
     def log_evaluation(self, stage: str, result: dict[str, Tensor]) -> None:
         """Log ``<stage>/return_mean``, ``return_std``, ``episodes`` and ``win_rate`` at the frame count."""

@@ -100,7 +100,7 @@ def first_episodes_step_by_step(module: FP3OModule, rounds: int) -> tuple[list[f
     and including its first ``done``, and ``won`` on that step; and how many environments lost their
     first episode and won a later one."""
     env = module.build_env(module.hparams.eval_num_envs)
-    env.set_seed(module.hparams.seed + EVAL_SEED_OFFSET)
+    env.set_seed(module.eval_seed())
     actor = module.make_actor()
     returns, wins, won_later = [], [], 0
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
@@ -137,3 +137,21 @@ def test_evaluation_scores_each_environments_first_episode(tally) -> None:
     assert 0 < sum(wins[:10]) < 10 and won_later > 0  # won and lost first episodes, lost then won
     again = tally.evaluate()
     assert torch.equal(again["returns"], result["returns"])  # the evaluation env is reseeded each time
+
+
+@pytest.mark.parametrize("starts", ["fresh", "fixed"])
+def test_evaluation_starts_fresh_at_each_iteration_unless_fixed(tally, starts: str) -> None:
+    """``eval_starts="fresh"`` (the paper's code) seeds each iteration's evaluation anew, from the run's
+    seed and the iteration, away from the training seeds; ``fixed`` reuses one seed."""
+    tally.hparams.eval_starts = starts
+    seeds = []
+    for iteration in (0, 1, 2, 1):
+        tally.iteration = iteration
+        seeds.append(tally.eval_seed())
+        tally.evaluate()
+        assert tally._runtime["eval_env"].seed_ == seeds[-1]
+    if starts == "fixed":
+        assert set(seeds) == {tally.hparams.seed + EVAL_SEED_OFFSET}
+    else:
+        assert len(set(seeds[:3])) == 3 and seeds[3] == seeds[1]  # new per iteration, the same when repeated
+        assert all(EVAL_SEED_OFFSET < seed < 2**31 - tally.hparams.eval_num_envs for seed in seeds)

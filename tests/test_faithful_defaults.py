@@ -19,8 +19,105 @@ def test_defaults_are_the_official_codes() -> None:
     assert module_defaults["time_limit"] == "terminal"
     assert module_defaults["critic"] == "agent"
     assert module_defaults["agent_id"] is True
-    assert module_defaults["value_norm_update"] == "minibatch"
+    assert module_defaults["value_norm_update"] == "auto"
+    assert module_defaults["dependence_advantage"] == "recompute"
+    assert module_defaults["eval_starts"] == "fresh"
     assert module_defaults["paps_head_lr_scale"] is True
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "sharing", "folds"),
+    [
+        ("fp3o", "nops", 2),
+        ("fp3o", "fups", 2),
+        ("fp3o", "paps", 6),
+        ("happo", "nops", 2),
+        ("mappo", "fups", 1),
+    ],
+)
+def test_value_normalizer_folds_follow_each_algorithms_code(algorithm: str, sharing: str, folds: int) -> None:
+    """``auto``: FP3O's and HAPPO's value loss normalises the targets twice (PaPS: twice per agent, 3
+    agents here), MAPPO's once."""
+    assert small_module(algorithm=algorithm, sharing=sharing).learner.value_norm_folds == folds
+
+
+class OfficialPopArt(torch.nn.Module):
+    """The official ``utils/popart.py`` statistics, restated: float32 buffers, and a forward that folds
+    the batch in (``train=True``) before normalising with the debiased mean and variance."""
+
+    def __init__(self, beta: float = 0.99999, epsilon: float = 1e-5) -> None:
+        super().__init__()
+        self.beta, self.epsilon = beta, epsilon
+        self.running_mean = torch.zeros(1)
+        self.running_mean_sq = torch.zeros(1)
+        self.debiasing_term = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        self.running_mean.mul_(self.beta).add_(x.mean(0) * (1.0 - self.beta))
+        self.running_mean_sq.mul_(self.beta).add_((x**2).mean(0) * (1.0 - self.beta))
+        self.debiasing_term.mul_(self.beta).add_(1.0 - self.beta)
+        mean = self.running_mean / self.debiasing_term.clamp(min=self.epsilon)
+        var = (self.running_mean_sq / self.debiasing_term.clamp(min=self.epsilon) - mean**2).clamp(min=1e-2)
+        return (x - mean) / var.sqrt()
+
+
+def test_value_normalizer_moves_as_two_official_popart_calls_per_minibatch() -> None:
+    """By default an FP3O NoPS agent's statistics after a minibatch equal the official code's after its
+    value loss, which calls ``PopArt.forward(return_batch)`` twice (clipped and unclipped errors)."""
+    module = small_module(algorithm="fp3o", sharing="nops")
+    normalizer = module.value_normalizer
+    official = [OfficialPopArt() for _ in range(module.n_agents)]
+    torch.manual_seed(0)
+    for scale in (1.0, 50.0, 3.0):  # three minibatches, the returns' scale moving
+        target = torch.randn(64, module.n_agents) * scale + scale
+        normalizer.update(normalizer.moments(target), module.learner.value_norm_folds)
+        for agent, popart in enumerate(official):
+            for _ in range(2):
+                expected = popart(target[:, agent : agent + 1])
+            torch.testing.assert_close(
+                normalizer.normalize(target)[:, agent : agent + 1], expected, rtol=1e-4, atol=1e-4
+            )
+    mean, std = normalizer.mean_std()
+    for agent, popart in enumerate(official):
+        debias = popart.debiasing_term.clamp(min=popart.epsilon)
+        torch.testing.assert_close(mean[agent : agent + 1], popart.running_mean / debias, rtol=1e-4, atol=0)
+        debiasing = normalizer.debiasing_term.float()
+        torch.testing.assert_close(debiasing, popart.debiasing_term, rtol=1e-5, atol=0)
+
+
+def advantages_per_phase(dependence_advantage: str) -> tuple[list, list, torch.Tensor]:
+    """One FP3O update on a real batch: each phase's advantages, the advantages recomputed from the
+    normaliser as each phase starts, and the batch's first advantages."""
+    from fp3o_lightning.objectives import normalize_advantage
+
+    module = small_module(algorithm="fp3o", sharing="nops", dependence_advantage=dependence_advantage)
+    fit_quietly(module)
+    batch, _ = module.learner.compute_advantages(sampled_rollout(module))
+    first = batch["advantage"].clone()
+    phases, recomputed = [], []
+    original, normalizer = module.learner.ppo_phase, module.value_normalizer
+
+    def phase(b, **kwargs):
+        phases.append(b["advantage"].clone())
+        recomputed.append(normalize_advantage(b["value_target"] - normalizer.denormalize(b["value"])))
+        return original(b, **kwargs)
+
+    module.learner.ppo_phase = phase
+    module.scheme.update(module.learner, batch)
+    assert torch.equal(phases[0], first)
+    return phases, recomputed, first
+
+
+def test_dependence_phase_recomputes_the_advantages() -> None:
+    """With ``recompute`` FP3O's dependence phase (and its gate) uses ``normalize(target -
+    denormalize(value))`` under the normaliser the independence phase left; ``reuse`` keeps the first."""
+    phases, recomputed, first = advantages_per_phase("recompute")
+    assert len(phases) == 2, "the gate let the dependence phase run in this setting"
+    torch.testing.assert_close(phases[1], recomputed[1], rtol=0, atol=0)
+    assert not torch.allclose(phases[1], first, atol=1e-5)  # the normaliser moved in between
+    phases, _, first = advantages_per_phase("reuse")
+    assert len(phases) < 2 or torch.equal(phases[1], first)
 
 
 @pytest.mark.parametrize("time_limit", ["terminal", "bootstrap"])

@@ -80,7 +80,9 @@ GATE_WEIGHTS = {"open": [1.0, 1.0, 1.0], "closed": [1.0, 1.0, -2.0]}
 
 
 def gated_batch(module, gate: str):
-    """A real rollout batch whose advantages are its first agent's, times ``GATE_WEIGHTS[gate]``."""
+    """A real rollout batch whose advantages are its first agent's, times ``GATE_WEIGHTS[gate]``, kept for
+    the dependence phase (``dependence_advantage="reuse"``: recomputed, they would be the critic's)."""
+    module.hparams.dependence_advantage = "reuse"
     batch = rollout_batch(module)
     batch["advantage"] = batch["advantage"][:, :1] * torch.tensor(GATE_WEIGHTS[gate])
     return batch

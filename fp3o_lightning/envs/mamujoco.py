@@ -73,6 +73,7 @@ from torchrl.data import Bounded
 from torchrl.envs import EnvBase
 
 from fp3o_lightning.envs.faults import EnvFaultWarning, rebuild_after_fault
+from fp3o_lightning.envs.observation_layouts import OBSERVATION_LAYOUTS, official_layout
 from fp3o_lightning.envs.specs import set_contract_specs
 from fp3o_lightning.envs.state import check_saved_state
 
@@ -207,21 +208,29 @@ def _import_mamujoco() -> Any:
 
 
 def _make_parallel_envs(
-    scenario: str, agent_conf: str | None, agent_obsk: int, count: int, **gym_kwargs: Any
+    scenario: str,
+    agent_conf: str | None,
+    agent_obsk: int,
+    count: int,
+    observation_layout: str = "gymnasium",
+    **gym_kwargs: Any,
 ) -> list[Any]:
     """Build ``count`` gymnasium-robotics ``parallel_env`` instances.
 
-    ``gym_kwargs`` (e.g. ``render_mode``, ``width``, ``height``) go to the Gymnasium MuJoCo env.
+    ``observation_layout="official"`` gives them the paper code's observations
+    (:func:`~fp3o_lightning.envs.observation_layouts.official_layout`). ``gym_kwargs`` (e.g. ``render_mode``,
+    ``width``, ``height``) go to the Gymnasium MuJoCo env.
 
     For the many-segment scenarios the MuJoCo XML is generated once into a private temporary directory
     (gymnasium-robotics writes it into its own package directory and deletes it afterwards, which races
     between processes building the same scenario and fails on read-only installs).
     """
     mamujoco_v1 = _import_mamujoco()
+    layout = official_layout(scenario, agent_conf, agent_obsk) if observation_layout == "official" else {}
 
     if scenario not in MANY_SEGMENT_SCENARIOS:
         return [
-            mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **gym_kwargs)
+            mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **layout, **gym_kwargs)
             for _ in range(count)
         ]
 
@@ -241,6 +250,7 @@ def _make_parallel_envs(
                 agent_conf,
                 agent_obsk=agent_obsk,
                 gym_env=gymnasium.make(MANY_SEGMENT_SCENARIOS[scenario], xml_file=asset_path, **gym_kwargs),
+                **layout,
             )
             for _ in range(count)
         ]
@@ -501,10 +511,15 @@ class MaMuJoCoEnv(EnvBase):
         clip_actions: clip actions into the actuator bounds before stepping, so the control cost is
             charged on the clipped action; ``False`` (default) steps the action as sampled, exactly as
             gymnasium-robotics' ``parallel_env`` and the paper's code do.
+        observation_layout: what each agent observes: ``"gymnasium"`` (default), gymnasium-robotics'
+            observations; ``"official"``, the paper code's, which differ on Hopper 3x1 (no forward
+            velocity), Walker2d 2x3 (no torso) and Ant 2x4 (no contact forces, the torso's x and y) and
+            equal gymnasium-robotics' on the paper's other tasks (see
+            :mod:`~fp3o_lightning.envs.observation_layouts`).
 
     Attributes:
         scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode, max_faults,
-            clip_actions: the constructor arguments.
+            clip_actions, observation_layout: the constructor arguments.
         faults: sub-env rebuilds so far (kept in the saved state).
         n_agents: number of agents; agent_names: gymnasium-robotics agent names (``"agent_0"``, ...).
         observation_sizes / action_sizes: per-agent unpadded observation / action sizes.
@@ -529,6 +544,7 @@ class MaMuJoCoEnv(EnvBase):
         camera_name: str | None = "track",
         max_faults: int = 10,
         clip_actions: bool = False,
+        observation_layout: str = "gymnasium",
     ) -> None:
         if not isinstance(agent_obsk, int) or isinstance(agent_obsk, bool) or agent_obsk < 0:
             raise ValueError(f"agent_obsk must be an integer >= 0, got {agent_obsk!r}.")
@@ -538,6 +554,10 @@ class MaMuJoCoEnv(EnvBase):
             raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}.")
         if not isinstance(max_faults, int) or isinstance(max_faults, bool) or max_faults < 0:
             raise ValueError(f"max_faults must be an integer >= 0, got {max_faults!r}.")
+        if observation_layout not in OBSERVATION_LAYOUTS:
+            raise ValueError(
+                f"observation_layout must be one of {OBSERVATION_LAYOUTS}, got {observation_layout!r}."
+            )
         if render_mode is not None and render_mode not in RENDER_MODES:
             raise ValueError(f"render_mode must be None or one of {RENDER_MODES}, got {render_mode!r}.")
         for name, size in (("width", width), ("height", height)):
@@ -554,6 +574,7 @@ class MaMuJoCoEnv(EnvBase):
         self.render_mode = render_mode
         self.max_faults = max_faults
         self.clip_actions = bool(clip_actions)
+        self.observation_layout = observation_layout
         self._faults = 0
 
         gym_kwargs: dict[str, Any] = {}
@@ -563,7 +584,7 @@ class MaMuJoCoEnv(EnvBase):
             gym_kwargs["camera_name"] = camera_name
         self._rendered = False
         self._gym_kwargs = gym_kwargs
-        self._penvs = _make_parallel_envs(scenario, agent_conf, agent_obsk, num_envs, **gym_kwargs)
+        self._penvs = self._make_parallel_envs(num_envs)
         penv = self._penvs[0]
         # Stepping the unwrapped MuJoCo env skips Gymnasium's TimeLimit (we apply our own) and checkers.
         self._sims = [p.single_agent_env.unwrapped for p in self._penvs]
@@ -609,6 +630,16 @@ class MaMuJoCoEnv(EnvBase):
             self.set_seed(seed)
 
     # ------------------------------------------------------------------ setup
+    def _make_parallel_envs(self, count: int) -> list[Any]:
+        return _make_parallel_envs(
+            self.scenario,
+            self.agent_conf,
+            self.agent_obsk,
+            count,
+            self.observation_layout,
+            **self._gym_kwargs,
+        )
+
     def _build_action_mapping(self, penv: Any) -> None:
         """Precompute the padded-agent-action -> global-action gather and the per-entry bounds."""
         global_space = penv.single_agent_env.action_space
@@ -993,7 +1024,7 @@ class MaMuJoCoEnv(EnvBase):
 
     def _rebuild(self, index: int) -> None:
         """Replace sub-env ``index`` by a fresh ``parallel_env`` built as the constructor builds them."""
-        penv = _make_parallel_envs(self.scenario, self.agent_conf, self.agent_obsk, 1, **self._gym_kwargs)[0]
+        penv = self._make_parallel_envs(1)[0]
         old, self._penvs[index] = self._penvs[index], penv
         self._sims[index] = penv.single_agent_env.unwrapped
         with contextlib.suppress(Exception):  # a crashed simulator may fail to close; it is dropped anyway

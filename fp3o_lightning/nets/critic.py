@@ -149,14 +149,16 @@ class ValueNormalizer(nn.Module):
         return torch.stack([flat.mean(0), flat.pow(2).mean(0)])
 
     @torch.no_grad()
-    def update(self, moments: Tensor) -> None:
-        """Fold in a batch's ``moments`` (all-reduce them first under DDP): ``x <- beta x + (1 - beta) m``
-        for both moments and the debiasing term, in two foreach calls and one ``add_`` (it runs at every
-        minibatch)."""
+    def update(self, moments: Tensor, times: int = 1) -> None:
+        """Fold in a batch's ``moments`` (all-reduce them first under DDP) ``times`` times in a row:
+        ``x <- w x + (1 - w) m`` with ``w = beta ** times`` for both moments and the debiasing term (the
+        closed form of ``times`` folds of the same batch), in two foreach calls and one ``add_`` (it runs
+        at every minibatch)."""
+        weight = self.beta**times
         statistics = [self.running_mean, self.running_mean_sq]
-        torch._foreach_mul_([*statistics, self.debiasing_term], self.beta)
-        torch._foreach_add_(statistics, list((moments * (1.0 - self.beta)).unbind(0)))
-        self.debiasing_term.add_(1.0 - self.beta)
+        torch._foreach_mul_([*statistics, self.debiasing_term], weight)
+        torch._foreach_add_(statistics, list((moments * (1.0 - weight)).unbind(0)))
+        self.debiasing_term.add_(1.0 - weight)
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
         debias = self.debiasing_term.clamp(min=self.eps)

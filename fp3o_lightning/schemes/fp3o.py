@@ -21,11 +21,14 @@ class FP3O(UpdateScheme):
 
     1. **independence phase**: ``ppo_epochs x num_minibatches`` of PPO-clip on every agent with
        factor 1, giving the middle policy ``theta_mid``;
-    2. with no grad, ``r_k = pi_mid^k / pi_old^k`` on the whole batch;
+    2. with no grad, ``r_k = pi_mid^k / pi_old^k`` on the whole batch; with ``dependence_advantage``
+       ``recompute`` (the paper's code), the advantages are computed again from the returns and the
+       rollout's values under the value normaliser as the independence phase left it;
     3. **non-overlapping selection**: a seeded random order of separated agents ``i_p`` and the
        selected agents ``j_p = i_(p+1 mod n)``. Each agent is selected by exactly one pipeline, so
        agent ``j_p``'s factor is the product of every other agent's middle ratio;
-    4. **gate**: the dependence phase runs only if it does not lower the batch surrogate;
+    4. **gate**: the dependence phase runs only if it does not lower the batch surrogate (on the
+       advantages it will use);
     5. **dependence phase**: another ``ppo_epochs x num_minibatches`` from ``theta_mid`` with agent
        ``j``'s surrogate weighted by ``factor_j`` (detached); ``r_j`` is against the rollout policy.
 
@@ -37,6 +40,8 @@ class FP3O(UpdateScheme):
     def update(self, learner: PPOLearner, batch: TensorDictBase) -> dict[str, Tensor]:
         old_log_prob = batch["agents", "action_log_prob"]
         independence = learner.ppo_phase(batch)
+        if learner.hparams.dependence_advantage == "recompute":
+            learner.recompute_advantages(batch)
         middle_log_prob, kl_old_middle = learner.measure(batch)
         separated_agent, selected_agent = non_overlapping_selection(learner.n_agents, learner.generator)
         factor = dependence_factor(middle_log_prob, old_log_prob)
