@@ -27,13 +27,14 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -43,7 +44,9 @@ from mlflow import MlflowClient
 from fp3o_lightning.callbacks import IterationCheckpoint, IterationProgressBar
 from fp3o_lightning.callbacks.checkpoints import CHECKPOINT_ROOT
 from fp3o_lightning.envs import task_name
-from fp3o_lightning.module import DEFAULT_ENV, FP3OModule, legacy_hparams
+from fp3o_lightning.envs.options import describe_env_options, validate_env
+from fp3o_lightning.errors import ConfigError
+from fp3o_lightning.module import DEFAULT_ENV, FP3OModule, check_hparams, legacy_hparams
 
 #: Every ``fp3o`` command, as ``fp3o --help`` lists it.
 COMMANDS = {
@@ -181,6 +184,62 @@ def _environment(**variables: str) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+def complete_env(env: Any) -> dict[str, Any]:
+    """``model.env`` as parsed (``None``: the default environment), checked and with every option."""
+    if isinstance(env, Namespace):
+        env = env.as_dict()
+    return validate_env(DEFAULT_ENV if env is None else env)
+
+
+class LineHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, which keeps the lines of descriptions (each wrapped on its own,
+    indented as it is), so that the environments' options read as a list."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            extra = " " * (len(line) - len(line.lstrip()))
+            lines.append(
+                textwrap.fill(
+                    line.strip(),
+                    width,
+                    initial_indent=indent + extra,
+                    subsequent_indent=indent + extra + "    ",
+                )
+            )
+        return "\n".join(lines)
+
+
+class FP3OArgumentParser(LightningArgumentParser):
+    """Lightning's parser, which writes ``model.env`` complete (every option of the environment with its
+    value or default) wherever it writes a config (``--print_config``, the run's ``config.yaml``), and
+    whose errors are the message alone, on one line, rather than the usage of every option first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", LineHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        command = self.prog.replace(" [options]", "")
+        print(
+            f"{command}: error: {' '.join(message.split())} (`{command} --help` lists the options)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+    def dump(self, cfg: Namespace, *args: Any, **kwargs: Any) -> str:
+        if isinstance(cfg, Namespace) and "model" in cfg and isinstance(cfg.get("model"), Namespace):
+            try:
+                env = complete_env(cfg.model.get("env"))
+            except ConfigError as error:
+                self.error(str(error))
+            cfg = cfg.clone()
+            cfg.model.env = env
+        return super().dump(cfg, *args, **kwargs)
+
+
 class FP3OCLI(LightningCLI):
     """LightningCLI with ``fp3o``'s commands, resumable and extensible fits into their MLflow run, the
     iteration progress bar and a summary at the end of a fit."""
@@ -189,6 +248,11 @@ class FP3OCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """Lightning's, without ``predict``."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in COMMANDS}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """``fp3o fit --help`` lists every environment's options (``model.env``)."""
+        title = "Environment options (--model.env.<option>, or model.env: {name: ..., <option>: ...})"
+        parser.add_argument_group(title, describe_env_options())
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """Lightning's subcommands, described for ``fp3o``, and the commands ``main`` runs itself."""
@@ -229,9 +293,14 @@ class FP3OCLI(LightningCLI):
             model[name] = given[name]
 
     def before_instantiate_classes(self) -> None:
-        """Check the MLflow store; name a new MLflow run after what it trains; a fit from a checkpoint
-        continues its MLflow run."""
+        """Check the model's options (and complete ``model.env``), then the MLflow store; name a new MLflow
+        run after what it trains; a fit from a checkpoint continues its MLflow run."""
         config = self.config[self.subcommand]
+        try:
+            config.model.env = complete_env(config.model.get("env"))
+            check_hparams(config.model)
+        except ConfigError as error:
+            self.exit_with(error)
         logger = config.trainer.get("logger")
         check_mlflow_store(logger)
         mlflow_logger = isinstance(logger, Namespace) and logger.class_path.endswith("MLFlowLogger")
@@ -250,6 +319,19 @@ class FP3OCLI(LightningCLI):
                     "--trainer.logger.init_args.tracking_uri at the original store to continue that one)",
                     stacklevel=2,
                 )
+
+    def instantiate_classes(self) -> None:
+        """Lightning's; a configuration error found while building (an environment's own checks) ends the
+        command like a parser error."""
+        try:
+            super().instantiate_classes()
+        except ConfigError as error:
+            self.exit_with(error)
+
+    def exit_with(self, error: ConfigError) -> None:
+        """Print a configuration error alone (no traceback) and exit with status 2, as the parser does."""
+        print(f"fp3o {self.subcommand}: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's Trainer, whose default progress bar is the ``IterationProgressBar``."""
@@ -436,6 +518,54 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=f".*{re.escape(message)}")
 
 
+def cli_options(parser_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``FP3OCLI``'s arguments besides the model class and the command line."""
+    return {
+        "parser_kwargs": parser_kwargs,
+        "parser_class": FP3OArgumentParser,
+        "save_config_callback": LogConfigToMLflow,
+        "save_config_kwargs": {"save_to_log_dir": False},
+        "trainer_defaults": trainer_defaults(),
+        "seed_everything_default": False,
+        "auto_configure_optimizers": False,
+    }
+
+
+class _Checked(Exception):
+    """``CheckingCLI`` parsed and checked the configuration."""
+
+
+class CheckingCLI(FP3OCLI):
+    """``FP3OCLI`` that stops once the configuration is parsed and checked: nothing is built or started."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        config.model.env = complete_env(config.model.get("env"))
+        check_hparams(config.model)
+        raise _Checked
+
+
+def check_fit_args(args: list[str]) -> None:
+    """Parse and check ``fp3o fit ARGS`` without building environments or starting anything (``fp3o sweep``
+    checks every planned run with it).
+
+    Raises:
+        ConfigError: the parser's or the options' error, on one line.
+    """
+    from jsonargparse import ArgumentError
+
+    try:
+        with warnings.catch_warnings():  # Lightning's note that a process's own argv is not parsed here
+            warnings.filterwarnings(
+                "ignore", message=".*args parameter is intended to run from within Python"
+            )
+            CheckingCLI(FP3OModule, args=["fit", *args], **cli_options({"exit_on_error": False}))
+    except _Checked:
+        return
+    except ArgumentError as error:
+        raise ConfigError(" ".join(str(error).split())) from None
+
+
 def main(args: list[str] | None = None) -> None:
     quiet_lightning()
     argv = sys.argv[1:] if args is None else list(args)
@@ -444,19 +574,12 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
     if argv[:1] and argv[0] in COMMAND_MODULES:  # commands of our own beside Lightning's fit/validate/test
         sys.exit(importlib.import_module(COMMAND_MODULES[argv[0]]).main(argv[1:]))
-    FP3OCLI(
-        FP3OModule,
-        parser_kwargs={
-            "description": "FP3O, HAPPO, MAPPO and IPPO for cooperative multi-agent RL.",
-            **{name: {"description": COMMANDS[name]} for name in FP3OCLI.subcommands()},
-        },
-        save_config_callback=LogConfigToMLflow,
-        save_config_kwargs={"save_to_log_dir": False},
-        trainer_defaults=trainer_defaults(),
-        seed_everything_default=False,
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    parser_kwargs = {
+        "prog": "fp3o",  # also under `python -m fp3o_lightning.cli`, and in errors
+        "description": "FP3O, HAPPO, MAPPO and IPPO for cooperative multi-agent RL.",
+        **{name: {"description": COMMANDS[name]} for name in FP3OCLI.subcommands()},
+    }
+    FP3OCLI(FP3OModule, args=args, **cli_options(parser_kwargs))
 
 
 if __name__ == "__main__":

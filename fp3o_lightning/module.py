@@ -6,8 +6,8 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
@@ -25,6 +25,8 @@ from fp3o_lightning import diagnostics
 from fp3o_lightning.actor import RolloutActor
 from fp3o_lightning.callbacks import BestEvalCheckpoint, GracefulStop, IterationCheckpoint
 from fp3o_lightning.envs import env_class, make_env, task_name
+from fp3o_lightning.envs.options import validate_env
+from fp3o_lightning.errors import ConfigError
 from fp3o_lightning.keys import (
     ACTION,
     ACTION_MASK,
@@ -37,25 +39,43 @@ from fp3o_lightning.keys import (
 )
 from fp3o_lightning.learner import PPOLearner
 from fp3o_lightning.nets import (
-    ACTOR_NETWORKS,
-    SHARING,
     AgentCritic,
     CentralCritic,
     MultiAgentPolicy,
     ValueNormalizer,
 )
-from fp3o_lightning.schemes import SCHEMES, make_scheme
+from fp3o_lightning.schemes import make_scheme
 
-NONFINITE = ("skip", "stop")
-TIME_LIMITS = ("terminal", "bootstrap")
-CRITICS = ("agent", "team")
-VALUE_NORM_UPDATES = ("auto", "value_loss", "minibatch", "iteration")
-DEPENDENCE_ADVANTAGES = ("recompute", "reuse")
-EVAL_STARTS = ("fresh", "fixed")
-ROLLOUT_DEVICES = ("env", "trainer")
-MATMUL_PRECISIONS = ("highest", "high", "medium")
-CRITIC_INPUTS = ("auto", "state", "state_and_observation")
-CRITIC_NETWORKS = ("auto", "mlp", "rnn")
+# The enumerated options, as types: the parser rejects other values and `fp3o fit --help` lists them.
+Algorithm = Literal["fp3o", "happo", "mappo", "ippo"]  # SCHEMES' names
+Sharing = Literal["fups", "paps", "nops"]  # nets.SHARING
+ActorNetwork = Literal["mlp", "rnn"]  # nets.ACTOR_NETWORKS
+CriticNetwork = Literal["auto", "mlp", "rnn"]
+TimeLimit = Literal["terminal", "bootstrap"]
+CriticKind = Literal["agent", "team"]
+CriticInput = Literal["auto", "state", "state_and_observation"]
+ValueNormUpdate = Literal["auto", "value_loss", "minibatch", "iteration"]
+DependenceAdvantage = Literal["recompute", "reuse"]
+EvalStarts = Literal["fresh", "fixed"]
+Nonfinite = Literal["skip", "stop"]
+MatmulPrecision = Literal["highest", "high", "medium"]
+RolloutDevice = Literal["env", "trainer"]
+#: Each enumerated option's choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "algorithm": get_args(Algorithm),
+    "sharing": get_args(Sharing),
+    "actor_network": get_args(ActorNetwork),
+    "critic_network": get_args(CriticNetwork),
+    "time_limit": get_args(TimeLimit),
+    "critic": get_args(CriticKind),
+    "critic_input": get_args(CriticInput),
+    "value_norm_update": get_args(ValueNormUpdate),
+    "dependence_advantage": get_args(DependenceAdvantage),
+    "eval_starts": get_args(EvalStarts),
+    "nonfinite": get_args(Nonfinite),
+    "matmul_precision": get_args(MatmulPrecision),
+    "rollout_device": get_args(RolloutDevice),
+}
 #: What a checkpoint written before an option existed was trained with (the package's behaviour then,
 #: before the paper code's defaults): ``legacy_hparams`` gives them to the options it lacks.
 LEGACY_HPARAMS: dict[str, Any] = {
@@ -92,6 +112,46 @@ DEFAULT_ENV: dict[str, Any] = {
     "agent_conf": "6x1",
     "agent_obsk": 1,
 }
+
+
+def check_hparams(hp: Mapping[str, Any]) -> None:
+    """Reject invalid model options (``hp``: the module's hyperparameters, or a parsed ``model`` config)
+    with the option, the value and the fix, without building anything.
+
+    Raises:
+        ConfigError: for the first invalid option.
+    """
+    positive = ("num_envs", "rollout_length", "total_frames", "actor_lr", "critic_lr", "clip_epsilon")
+    positive += ("ppo_epochs", "num_minibatches", "max_grad_norm", "huber_delta", "hidden_size")
+    positive += ("eval_episodes", "eval_num_envs", "data_chunk_length")
+    for name in positive:
+        if not hp[name] > 0:
+            raise ConfigError(f"model.{name}={hp[name]!r} must be > 0")
+    non_negative = ("entropy_coef", "depth", "diagnostics_interval", "eval_interval")
+    for name in (*non_negative, "checkpoint_interval", "num_threads"):
+        if hp[name] < 0:
+            raise ConfigError(f"model.{name}={hp[name]!r} must be >= 0")
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= hp[name] <= 1.0:
+            raise ConfigError(f"model.{name}={hp[name]!r} must lie in [0, 1]")
+    for name, options in CHOICES.items():
+        if hp[name] not in options:
+            raise ConfigError(f"model.{name}={hp[name]!r} is unknown; choose one of {options}")
+    recurrent = hp["actor_network"] == "rnn" or hp["critic_network"] == "rnn"
+    recurrent |= hp["critic_network"] == "auto" and hp["actor_network"] == "rnn"
+    if recurrent and hp["rollout_length"] % hp["data_chunk_length"]:
+        raise ConfigError(
+            f"model.data_chunk_length={hp['data_chunk_length']} does not divide model.rollout_length="
+            f"{hp['rollout_length']}; pick a divisor of {hp['rollout_length']}"
+        )
+    chunk = hp["data_chunk_length"] if recurrent else 1
+    sequences = hp["num_envs"] * hp["rollout_length"] // chunk
+    if sequences % hp["num_minibatches"]:
+        what = "sequences of data_chunk_length steps" if chunk > 1 else "num_envs x rollout_length"
+        raise ConfigError(
+            f"model.num_minibatches={hp['num_minibatches']} does not divide the batch of {sequences} "
+            f"{what}; pick a divisor of {sequences}"
+        )
 
 
 class _Iterations:
@@ -221,8 +281,8 @@ class FP3OModule(L.LightningModule):
         num_envs: int = 4,
         rollout_length: int = 1000,
         total_frames: int = 10_000_000,
-        algorithm: str = "fp3o",
-        sharing: str = "nops",
+        algorithm: Algorithm = "fp3o",
+        sharing: Sharing = "nops",
         actor_lr: float = 1e-5,
         critic_lr: float = 3e-4,
         gamma: float = 0.99,
@@ -234,19 +294,19 @@ class FP3OModule(L.LightningModule):
         max_grad_norm: float = 10.0,
         huber_delta: float = 10.0,
         value_clip: bool = True,
-        time_limit: str = "terminal",
-        critic: str = "agent",
-        critic_input: str = "auto",
+        time_limit: TimeLimit = "terminal",
+        critic: CriticKind = "agent",
+        critic_input: CriticInput = "auto",
         active_masks: bool = True,
         agent_id: bool = True,
-        value_norm_update: str = "auto",
-        dependence_advantage: str = "recompute",
+        value_norm_update: ValueNormUpdate = "auto",
+        dependence_advantage: DependenceAdvantage = "recompute",
         paps_head_lr_scale: bool = True,
         hidden_size: int = 64,
         depth: int = 2,
         gain: float = 0.01,
-        actor_network: str = "mlp",
-        critic_network: str = "auto",
+        actor_network: ActorNetwork = "mlp",
+        critic_network: CriticNetwork = "auto",
         data_chunk_length: int = 10,
         std_x_coef: float = 1.0,
         std_y_coef: float = 0.5,
@@ -255,24 +315,29 @@ class FP3OModule(L.LightningModule):
         eval_interval: int = 25,
         eval_episodes: int = 32,
         eval_num_envs: int = 8,
-        eval_starts: str = "fresh",
+        eval_starts: EvalStarts = "fresh",
         checkpoint_interval: int = 50,
-        nonfinite: str = "skip",
+        nonfinite: Nonfinite = "skip",
         num_threads: int = 1,
-        matmul_precision: str = "highest",
+        matmul_precision: MatmulPrecision = "highest",
         compile_update: bool = False,
         compile_actor: bool = False,
-        rollout_device: str = "env",
+        rollout_device: RolloutDevice = "env",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.hparams.env = env = dict(DEFAULT_ENV if env is None else env)
-        self._validate()
+        self.hparams.env = env = validate_env(DEFAULT_ENV if env is None else env)
+        check_hparams(self.hparams)
         if num_threads:  # before anything is computed, so that every fit in a process rounds alike
             torch.set_num_threads(num_threads)
         self.automatic_optimization = False
         L.seed_everything(seed, verbose=False)
-        probe = make_env(**env, num_envs=1)
+        try:
+            probe = make_env(**env, num_envs=1)
+        except ConfigError:
+            raise
+        except ValueError as error:  # the environment's own checks (an unknown scenario or map, ...)
+            raise ConfigError(f"model.env: {error}") from error
         self.n_agents = probe.n_agents
         observation_size = probe.observation_spec[OBSERVATION].shape[-1]
         action_spec = probe.full_action_spec[ACTION]
@@ -355,60 +420,6 @@ class FP3OModule(L.LightningModule):
         auto = hp.critic_input == "auto" and agent_specific_state
         both = hp.critic_input == "state_and_observation" or auto
         return ("state", OBSERVATION) if both and hp.critic == "agent" else ("state",)
-
-    def _validate(self) -> None:
-        """Reject invalid hyperparameters with the field, the value and the fix."""
-        hp = self.hparams
-        positive = ("num_envs", "rollout_length", "total_frames", "actor_lr", "critic_lr", "clip_epsilon")
-        positive += ("ppo_epochs", "num_minibatches", "max_grad_norm", "huber_delta", "hidden_size")
-        positive += ("eval_episodes", "eval_num_envs", "data_chunk_length")
-        for name in positive:
-            if not hp[name] > 0:
-                raise ValueError(f"model.{name}={hp[name]!r} must be > 0")
-        non_negative = ("entropy_coef", "depth", "diagnostics_interval", "eval_interval")
-        for name in (*non_negative, "checkpoint_interval", "num_threads"):
-            if hp[name] < 0:
-                raise ValueError(f"model.{name}={hp[name]!r} must be >= 0")
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= hp[name] <= 1.0:
-                raise ValueError(f"model.{name}={hp[name]!r} must lie in [0, 1]")
-        if hp.sharing not in SHARING:
-            raise ValueError(f"model.sharing={hp.sharing!r} is not a network type; choose one of {SHARING}")
-        choices = {
-            "nonfinite": NONFINITE,
-            "time_limit": TIME_LIMITS,
-            "critic": CRITICS,
-            "value_norm_update": VALUE_NORM_UPDATES,
-            "dependence_advantage": DEPENDENCE_ADVANTAGES,
-            "eval_starts": EVAL_STARTS,
-            "rollout_device": ROLLOUT_DEVICES,
-            "critic_input": CRITIC_INPUTS,
-            "critic_network": CRITIC_NETWORKS,
-            "matmul_precision": MATMUL_PRECISIONS,
-        }
-        for name, options in choices.items():
-            if hp[name] not in options:
-                raise ValueError(f"model.{name}={hp[name]!r} is unknown; choose one of {options}")
-        if hp.algorithm not in SCHEMES:
-            raise ValueError(f"model.algorithm={hp.algorithm!r} is unknown; choose one of {tuple(SCHEMES)}")
-        if hp.actor_network not in ACTOR_NETWORKS:
-            raise ValueError(
-                f"model.actor_network={hp.actor_network!r} is unknown; choose one of {ACTOR_NETWORKS}"
-            )
-        recurrent = hp.actor_network == "rnn" or self.recurrent_critic
-        if recurrent and hp.rollout_length % hp.data_chunk_length:
-            raise ValueError(
-                f"model.data_chunk_length={hp.data_chunk_length} does not divide model.rollout_length="
-                f"{hp.rollout_length}; pick a divisor of {hp.rollout_length}"
-            )
-        chunk = hp.data_chunk_length if recurrent else 1
-        sequences = hp.num_envs * hp.rollout_length // chunk
-        if sequences % hp.num_minibatches:
-            what = "sequences of data_chunk_length steps" if chunk > 1 else "num_envs x rollout_length"
-            raise ValueError(
-                f"model.num_minibatches={hp.num_minibatches} does not divide the batch of {sequences} "
-                f"{what}; pick a divisor of {sequences}"
-            )
 
     # ------------------------------------------------------------------ setup
 

@@ -213,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``fp3o render`` (see ``fp3o render --help``)."""
+    from fp3o_lightning.errors import ConfigError
     from fp3o_lightning.module import DEFAULT_ENV, FP3OModule, legacy_hparams
 
     parser = _parser()
@@ -232,7 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     legacy = legacy_hparams(checkpoint["hyper_parameters"])  # options newer than the checkpoint
-    module = FP3OModule.load_from_checkpoint(args.ckpt_path, map_location="cpu", weights_only=False, **legacy)
+    try:
+        module = FP3OModule.load_from_checkpoint(
+            args.ckpt_path, map_location="cpu", weights_only=False, **legacy
+        )
+    except ConfigError as err:  # its options do not check any more (e.g. an environment's option renamed)
+        print(f"fp3o render: error: {err}", file=sys.stderr)
+        sys.exit(2)
     try:
         path, count, fps = _render(
             module, args.output, args.steps, args.seed, args.fps, args.width, args.height

@@ -5,7 +5,8 @@ the *final score* of a run is the last logged value of the metric (the value at 
 i.e. the most environment frames). As in the paper's Tables 1 and 2, rows are network type × task,
 columns are algorithms, and a cell is the mean ± std of the final scores over seeds (population std),
 or, for tasks whose runs log a win rate (SMAC-style), the median win rate ± std in percent. The best
-value of each row is in bold.
+value of each row is in bold. A second table in the same layout does the same with each run's mean of
+its last ``--final_window`` logged values, which depends less on where a noisy run happened to stop.
 
 ``fp3o report`` prints the table(s) and writes ``table.md``, ``table.csv`` and one learning-curve
 figure per task, ``curves_<task>.png``, to ``--out``. Beside them, with ``rliable`` (the ``ray``
@@ -27,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -36,6 +38,8 @@ DEFAULT_EXPERIMENT = "fp3o"
 DEFAULT_METRIC = "eval/return_mean"
 DEFAULT_FALLBACK_METRIC = "train/episode_return"
 DEFAULT_WIN_RATE_METRIC = "eval/win_rate"
+#: Logged values averaged into a run's last-N mean (``--final_window``).
+DEFAULT_FINAL_WINDOW = 10
 #: Win rates are logged as fractions in [0, 1] and reported in percent, as in the paper's Table 2.
 WIN_RATE_SCALE = 100.0
 
@@ -83,38 +87,56 @@ class RunInfo:
     metric_keys: frozenset[str]
 
 
+#: Which score of a run a statistic is over: its final score or the mean of its last N logged values.
+ScoreKind = Literal["final", "last_n"]
+
+
+@dataclass(frozen=True)
+class SeedScore:
+    """One run's scores: its seed, its final score and the mean of its last N logged values."""
+
+    seed: str
+    final: float
+    last_n_mean: float
+
+
 @dataclass
 class Cell:
-    """The final scores of one (sharing, task, algorithm) group, one per seed, and their curves."""
+    """The scores of one (sharing, task, algorithm) group, one per seed in seed order, and their curves."""
 
     sharing: str
     task: str
     algorithm: str
     metric: str
     percent: bool
-    finals: list[float] = field(default_factory=list)
+    runs: list[SeedScore] = field(default_factory=list)
     curves: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @property
     def n_seeds(self) -> int:
-        return len(self.finals)
+        return len(self.runs)
 
     @property
-    def mean(self) -> float:
-        return float(np.mean(self.finals))
+    def seeds(self) -> list[str]:
+        return [r.seed for r in self.runs]
 
-    @property
-    def std(self) -> float:
-        return float(np.std(self.finals))
+    def scores(self, kind: ScoreKind = "final") -> np.ndarray:
+        """One score per seed: the final scores or the last-N means."""
+        return np.array([r.final if kind == "final" else r.last_n_mean for r in self.runs])
 
-    @property
-    def median(self) -> float:
-        return float(np.median(self.finals))
+    def mean(self, kind: ScoreKind = "final") -> float:
+        return float(np.mean(self.scores(kind)))
 
-    @property
-    def score(self) -> float:
+    def std(self, kind: ScoreKind = "final") -> float:
+        """The population std over seeds."""
+        return float(np.std(self.scores(kind)))
+
+    def median(self, kind: ScoreKind = "final") -> float:
+        return float(np.median(self.scores(kind)))
+
+    def score(self, kind: ScoreKind = "final") -> float:
         """The statistic shown and compared: the median for win rates, the mean otherwise."""
-        return self.median if self.percent else self.mean
+        return self.median(kind) if self.percent else self.mean(kind)
 
 
 @dataclass
@@ -125,6 +147,7 @@ class Report:
     task_metrics: dict[str, str]
     description: str = ""
     requested_metric: str = DEFAULT_METRIC
+    final_window: int = DEFAULT_FINAL_WINDOW
 
     @property
     def sharings(self) -> list[str]:
@@ -157,6 +180,11 @@ def algorithm_order(algorithm: str) -> tuple[int, str]:
 def task_order(task: str) -> tuple[int, str]:
     """The paper's task order, then any other task alphabetically (case-insensitive)."""
     return (PAPER_TASKS.index(task), "") if task in PAPER_TASKS else (len(PAPER_TASKS), task.lower())
+
+
+def seed_order(seed: str) -> tuple[int, int, str]:
+    """Numeric seeds in numeric order (2 before 10), then any other label alphabetically."""
+    return (0, int(seed), "") if seed.isdigit() else (1, 0, seed)
 
 
 def display_sharing(sharing: str) -> str:
@@ -297,12 +325,20 @@ def choose_task_metrics(
     return chosen
 
 
+def latest_per_step(history: Iterable) -> tuple[np.ndarray, np.ndarray]:
+    """MLflow metrics as increasing steps and values, the latest value (by timestamp) of a repeated step."""
+    last = {m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
+    return np.array(list(last), dtype=float), np.array(list(last.values()), dtype=float)
+
+
 def metric_curve(client, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """The run's metric history as increasing steps and values (the latest value per step)."""
-    history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-    last = {m.step: m.value for m in history}
-    steps = np.array(list(last), dtype=float)
-    return steps, np.array(list(last.values()), dtype=float)
+    return latest_per_step(client.get_metric_history(run_id, key))
+
+
+def last_n_mean(values: np.ndarray, n: int) -> float:
+    """The mean of the last ``n`` values (of all of them when there are fewer)."""
+    return float(np.mean(values[-n:]))
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -316,14 +352,19 @@ def build_report(
     fallback_metric: str | None = DEFAULT_FALLBACK_METRIC,
     win_rate_metric: str | None = DEFAULT_WIN_RATE_METRIC,
     include_unfinished: bool = False,
+    final_window: int = DEFAULT_FINAL_WINDOW,
+    description: str | None = None,
 ) -> Report:
-    """Read the runs and compute every cell's final scores and learning curves.
+    """Read the runs and compute every cell's final scores, last-``final_window`` means and learning
+    curves. ``description`` says which runs these are (default: the experiments, store and filter).
 
     Raises ``ReportError`` when there is nothing to report, and warns (``ReportWarning``) about
     skipped runs.
     """
     from mlflow import MlflowClient
 
+    if final_window < 1:
+        raise ReportError(f"--final_window {final_window}: give a positive number of logged values, e.g. 10.")
     check_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     searched = f"experiment(s) {', '.join(experiments)} at {tracking_uri}" + (
@@ -338,20 +379,23 @@ def build_report(
         (i.name for i in infos if task_metrics[i.task] not in i.metric_keys),
         "without the metric reported for their task",
     )
-    cells = _collect_cells(
-        client, [i for i in infos if task_metrics[i.task] in i.metric_keys], task_metrics, win_rate_metric
-    )
+    reported = [i for i in infos if task_metrics[i.task] in i.metric_keys]
+    cells = _collect_cells(client, reported, task_metrics, win_rate_metric, final_window)
     if not cells:
         raise ReportError(f"None of the {len(runs)} runs found in {searched} can be reported (see warnings).")
     used = {task: m for task, m in task_metrics.items() if any(k[1] == task for k in cells)}
-    return Report(cells, used, description=searched, requested_metric=metric)
+    return Report(cells, used, description or searched, metric, final_window)
 
 
 def _collect_cells(
-    client, infos: Sequence[RunInfo], task_metrics: dict[str, str], win_rate_metric: str | None
+    client,
+    infos: Sequence[RunInfo],
+    task_metrics: dict[str, str],
+    win_rate_metric: str | None,
+    final_window: int,
 ) -> dict[tuple[str, str, str], Cell]:
     cells: dict[tuple[str, str, str], Cell] = {}
-    for info in sorted(infos, key=lambda i: (i.sharing, i.task, i.algorithm, i.seed)):
+    for info in sorted(infos, key=lambda i: (i.sharing, i.task, i.algorithm, seed_order(i.seed))):
         key = (info.sharing, info.task, info.algorithm)
         used = task_metrics[info.task]
         percent = used == win_rate_metric
@@ -360,7 +404,7 @@ def _collect_cells(
             continue
         values = values * WIN_RATE_SCALE if percent else values
         cell = cells.setdefault(key, Cell(*key, metric=used, percent=percent))
-        cell.finals.append(float(values[-1]))
+        cell.runs.append(SeedScore(info.seed, float(values[-1]), last_n_mean(values, final_window)))
         cell.curves.append((steps, values))
     return cells
 
@@ -379,12 +423,12 @@ def metric_label(metric: str, percent: bool) -> str:
     return f"{metric} (%)" if percent else metric
 
 
-def format_cell(cell: Cell | None, bold: bool, show_n: bool) -> str:
+def format_cell(cell: Cell | None, kind: ScoreKind, bold: bool, show_n: bool) -> str:
     """``1234.5 ± 67.8``, the score in bold when it is the row's best, ``(n=3)`` when asked."""
     if cell is None:
         return "–"
-    score = f"{cell.score:.1f}"
-    text = f"{f'**{score}**' if bold else score} ± {cell.std:.1f}"
+    score = f"{cell.score(kind):.1f}"
+    text = f"{f'**{score}**' if bold else score} ± {cell.std(kind):.1f}"
     return f"{text} (n={cell.n_seeds})" if show_n else text
 
 
@@ -401,8 +445,9 @@ def _section_percent(report: Report, tasks: Sequence[str]) -> bool:
     return any(c.percent for k, c in report.cells.items() if k[1] in tasks)
 
 
-def section_rows(report: Report, tasks: Sequence[str]) -> list[list[str]]:
-    """Header and rows of one table: network type × task, one column per algorithm."""
+def section_rows(report: Report, tasks: Sequence[str], kind: ScoreKind = "final") -> list[list[str]]:
+    """Header and rows of one table: network type × task, one column per algorithm, cells over the
+    seeds' final scores or last-N means."""
     algorithms = [a for a in report.algorithms if any(k[2] == a and k[1] in tasks for k in report.cells)]
     cells = [c for k, c in report.cells.items() if k[1] in tasks]
     show_n = len({c.n_seeds for c in cells}) > 1
@@ -413,22 +458,29 @@ def section_rows(report: Report, tasks: Sequence[str]) -> list[list[str]]:
             row_cells = [report.cells.get((sharing, task, a)) for a in algorithms]
             if not any(row_cells):
                 continue
-            best = max(round(c.score, 1) for c in row_cells if c)
-            texts = [format_cell(c, c is not None and round(c.score, 1) == best, show_n) for c in row_cells]
+            best = max(round(c.score(kind), 1) for c in row_cells if c)
+            texts = [
+                format_cell(c, kind, c is not None and round(c.score(kind), 1) == best, show_n)
+                for c in row_cells
+            ]
             rows.append([display_sharing(sharing) if first else "", task, *texts])
             first = False
     return rows
 
 
-def section_caption(report: Report, metric: str, tasks: Sequence[str]) -> str:
+def section_caption(report: Report, metric: str, tasks: Sequence[str], kind: ScoreKind = "final") -> str:
+    """What the section's table shows, e.g. ``Mean final `eval/return_mean` ± std over 3 seed(s)``."""
     cells = [c for k, c in report.cells.items() if k[1] in tasks]
     percent = _section_percent(report, tasks)
     seeds = {c.n_seeds for c in cells}
     over = f"{seeds.pop()} seed(s)" if len(seeds) == 1 else "seeds (n per cell)"
-    if percent:
-        what = f"Median final win rate (%, `{metric}`) ± std over {over}"
-    else:
-        what = f"Mean final `{metric}` ± std over {over}"
+    statistic = "Median" if percent else "Mean"
+    score = "final" if kind == "final" else f"last-{report.final_window}"
+    quantity = f"win rate (%, `{metric}`)" if percent else f"`{metric}`"
+    what = f"{statistic} {score} {quantity}"
+    if kind == "last_n":
+        what += f" (each run's mean of its last {report.final_window} logged values)"
+    what += f" ± std over {over}"
     if metric != report.requested_metric and not percent:
         what += f" (fallback: not every run logs `{report.requested_metric}`)"
     return f"{what}; best of each row in bold."
@@ -446,23 +498,40 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_report(report: Report) -> str:
-    """The Markdown text of ``table.md``: one captioned table per metric."""
+    """The Markdown text of ``table.md``: per metric, a captioned table of the final scores and one of
+    the last-N means."""
     parts = [
         f"# FP3O results\n\nRuns: {report.description}. The final score of a run is the last "
-        "logged value of the metric (highest frame count); std is the population std over seeds.\n"
+        "logged value of the metric (highest frame count); below each table of final scores, the same "
+        f"over each run's mean of its last {report.final_window} logged values, which depends less on "
+        "where a run stopped. std is the population std over seeds.\n"
     ]
     for metric, tasks in sections(report):
-        parts.append(
-            f"{section_caption(report, metric, tasks)}\n\n{markdown_table(section_rows(report, tasks))}\n"
-        )
+        for kind in ("final", "last_n"):
+            caption = section_caption(report, metric, tasks, kind)
+            parts.append(f"{caption}\n\n{markdown_table(section_rows(report, tasks, kind))}\n")
     return "\n".join(parts)
 
 
 def write_csv(report: Report, path: Path) -> None:
-    """One line per cell: sharing, task, algorithm, mean, std, median, n_seeds, metric (win rates in %)."""
+    """One line per cell: sharing, task, algorithm, mean, std, median of the final scores, n_seeds,
+    metric (win rates in %), and the mean and std over seeds of the last-N means."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["sharing", "task", "algorithm", "mean", "std", "median", "n_seeds", "metric"])
+        writer.writerow(
+            [
+                "sharing",
+                "task",
+                "algorithm",
+                "mean",
+                "std",
+                "median",
+                "n_seeds",
+                "metric",
+                "last_n_mean",
+                "last_n_std",
+            ]
+        )
         for sharing in report.sharings:
             for task in report.tasks:
                 for algorithm in report.algorithms:
@@ -473,11 +542,13 @@ def write_csv(report: Report, path: Path) -> None:
                                 sharing,
                                 task,
                                 algorithm,
-                                cell.mean,
-                                cell.std,
-                                cell.median,
+                                cell.mean(),
+                                cell.std(),
+                                cell.median(),
                                 cell.n_seeds,
                                 metric_label(cell.metric, cell.percent),
+                                cell.mean("last_n"),
+                                cell.std("last_n"),
                             ]
                         )
 
@@ -559,7 +630,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fp3o report",
         description="Paper-style tables (rows: network type × task, columns: algorithms, cells: final score "
-        "mean ± std over seeds, or median win rate ± std) and learning curves from the MLflow runs.",
+        "mean ± std over seeds, or median win rate ± std, then the same over each run's last-N mean) and "
+        "learning curves from the MLflow runs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--tracking_uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI of the runs.")
@@ -576,6 +648,14 @@ def parser() -> argparse.ArgumentParser:
         help="Metric whose last logged value (highest frame step) is a run's final score.",
     )
     p.add_argument(
+        "--final_window",
+        type=int,
+        default=DEFAULT_FINAL_WINDOW,
+        metavar="N",
+        help="The second table's score of a run: the mean of its last N logged values of the metric "
+        "(all of them if it has fewer).",
+    )
+    p.add_argument(
         "--fallback_metric",
         default=DEFAULT_FALLBACK_METRIC,
         help="Metric reported for a task when some of its runs lack --metric ('' for none).",
@@ -590,6 +670,12 @@ def parser() -> argparse.ArgumentParser:
         "--include_unfinished",
         action="store_true",
         help="Also report runs that are not FINISHED (running, failed or killed).",
+    )
+    p.add_argument(
+        "--description",
+        metavar="TEXT",
+        help="Which runs these are, for table.md's 'Runs:' line (default: the experiments, tracking URI "
+        "and filter searched).",
     )
     p.add_argument(
         "--out",
@@ -627,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.fallback_metric or None,
                 args.win_rate_metric or None,
                 args.include_unfinished,
+                args.final_window,
+                args.description,
             )
             stats = statistics(report, args)
         except ReportError as error:

@@ -3,7 +3,10 @@
 For each network type, the final scores of every (task, algorithm) are normalised per task, to
 ``(score - low) / (high - low)`` with ``low``/``high`` the min and max over all runs of the task
 (all network types and algorithms) or given reference scores, and arranged as a runs × tasks matrix
-per algorithm. From these, with stratified bootstrap 95% confidence intervals:
+per algorithm, over the tasks every algorithm of the matrices has (``complete_block``). Each algorithm
+keeps as many seeds as it has on each of these tasks (the fewest over its tasks; algorithms may differ);
+``stats.md`` lists every run left out, and why. From these, with stratified bootstrap 95% confidence
+intervals:
 
 - the interquartile mean (IQM) and the mean of the normalised scores;
 - the probability that the improver (FP3O) beats each other algorithm on a random task;
@@ -28,9 +31,11 @@ from fp3o_lightning.report import (
     Report,
     ReportError,
     ReportWarning,
+    algorithm_order,
     display_algorithm,
     display_sharing,
     markdown_table,
+    task_order,
 )
 
 DEFAULT_REPS = 2000
@@ -54,13 +59,27 @@ class Estimate:
         return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """A run the aggregate statistics leave out, and why."""
+
+    task: str
+    algorithm: str
+    seed: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.task}, {display_algorithm(self.algorithm)}, seed {self.seed}: {self.reason}"
+
+
 @dataclass
 class SharingStats:
     """The aggregate statistics of one network type's algorithms over its common tasks."""
 
     sharing: str
     tasks: list[str]
-    n_runs: int  # seeds per task in every matrix
+    seeds: dict[str, int]  # algorithm → seeds per task in its matrix
+    left_out: list[LeftOut]
     aggregates: dict[str, dict[str, Estimate]]  # algorithm → IQM/Mean
     improvement: dict[str, Estimate]  # baseline → P(improver > baseline)
     profiles: dict[str, tuple[np.ndarray, np.ndarray]]  # algorithm → (fractions, 2 × taus CI)
@@ -95,7 +114,7 @@ def task_bounds(report: Report, references: Bounds | None = None) -> Bounds:
         return {task: references[task] for task in report.tasks}
     bounds = {}
     for task in report.tasks:
-        finals = np.concatenate([c.finals for k, c in report.cells.items() if k[1] == task])
+        finals = np.concatenate([c.scores() for k, c in report.cells.items() if k[1] == task])
         bounds[task] = (float(finals.min()), float(finals.max()))
     return bounds
 
@@ -119,42 +138,54 @@ def complete_block(report: Report, sharing: str) -> tuple[list[str], list[str]]:
     return best
 
 
+def _outside_block_reason(
+    have: set[tuple[str, str]], task: str, algorithm: str, tasks: Sequence[str], algorithms: Sequence[str]
+) -> str:
+    """Why the cell (task, algorithm) is outside the complete block of ``tasks`` × ``algorithms``."""
+    if task in tasks:
+        missing = [t for t in tasks if (t, algorithm) not in have]
+        return f"{display_algorithm(algorithm)} has no run on {', '.join(missing)}"
+    lacking = [display_algorithm(a) for a in algorithms if (task, a) not in have]
+    return f"no {', '.join(lacking)} run on {task}"
+
+
 def score_matrices(
     report: Report, sharing: str, bounds: Bounds
-) -> tuple[list[str], int, dict[str, np.ndarray]]:
-    """The tasks and seeds used (the fewest seeds any cell has: rliable needs full matrices), and each
-    algorithm's runs × tasks matrix of normalised scores, over ``complete_block``."""
+) -> tuple[list[str], dict[str, np.ndarray], list[LeftOut]]:
+    """The tasks used, each algorithm's runs × tasks matrix of normalised scores over ``complete_block``
+    (its first seeds, as many as it has on each task: rliable's matrices cannot have holes), and the
+    runs left out (warned about)."""
     algorithms, tasks = complete_block(report, sharing)
-    left_out = sorted(
-        {(k[1], k[2]) for k in report.cells if k[0] == sharing} - set(itertools.product(tasks, algorithms))
-    )
+    have = {(k[1], k[2]) for k in report.cells if k[0] == sharing}
+    block_rule = "; the statistics need every algorithm on every task"
+    left_out = [
+        LeftOut(t, a, seed, _outside_block_reason(have, t, a, tasks, algorithms) + block_rule)
+        for t, a in sorted(
+            have - set(itertools.product(tasks, algorithms)),
+            key=lambda c: (task_order(c[0]), algorithm_order(c[1])),
+        )
+        for seed in report.cells[(sharing, t, a)].seeds
+    ]
+    matrices = {}
+    for a in algorithms:
+        cells = [report.cells[(sharing, t, a)] for t in tasks]
+        fewest = min(cells, key=lambda c: c.n_seeds)
+        reason = (
+            f"{display_algorithm(a)} has {fewest.n_seeds} seed(s) on {fewest.task}; an algorithm uses as "
+            "many seeds on every task"
+        )
+        left_out += [LeftOut(c.task, a, seed, reason) for c in cells for seed in c.seeds[fewest.n_seeds :]]
+        matrices[a] = np.stack(
+            [normalise(c.scores()[: fewest.n_seeds], *bounds[c.task]) for c in cells], axis=1
+        )
     if left_out:
-        names = ", ".join(f"{display_algorithm(a)} on {t}" for t, a in left_out)
         warnings.warn(
-            f"{display_sharing(sharing)}: the aggregate statistics leave out {names} (they need every "
-            "algorithm on every task).",
+            f"{display_sharing(sharing)}: the aggregate statistics leave out {len(left_out)} run(s): "
+            + "; ".join(map(str, left_out)),
             ReportWarning,
             stacklevel=2,
         )
-    if not tasks:
-        return [], 0, {}
-    cells = [report.cells[(sharing, t, a)] for t in tasks for a in algorithms]
-    n_runs = min(c.n_seeds for c in cells)
-    if any(c.n_seeds > n_runs for c in cells):
-        warnings.warn(
-            f"{display_sharing(sharing)}: the aggregate statistics use the first {n_runs} seed(s) of every "
-            "task and algorithm (the fewest any has).",
-            ReportWarning,
-            stacklevel=2,
-        )
-    matrices = {
-        a: np.stack(
-            [normalise(np.asarray(report.cells[(sharing, t, a)].finals[:n_runs]), *bounds[t]) for t in tasks],
-            axis=1,
-        )
-        for a in algorithms
-    }
-    return tasks, n_runs, matrices
+    return tasks, matrices, left_out
 
 
 # ------------------------------------------------------------------------------------- statistics
@@ -178,14 +209,12 @@ def _estimates(
 
 def sharing_stats(
     report: Report, sharing: str, bounds: Bounds, improver: str, reps: int, seed: int
-) -> SharingStats | None:
+) -> SharingStats:
     """IQM, mean, probabilities of improvement and performance profiles of one network type."""
     from rliable import library as rly
     from rliable import metrics
 
-    tasks, n_runs, matrices = score_matrices(report, sharing, bounds)
-    if not matrices:
-        return None
+    tasks, matrices, left_out = score_matrices(report, sharing, bounds)
     points, intervals = _estimates(
         matrices, lambda s: np.array([metrics.aggregate_iqm(s), metrics.aggregate_mean(s)]), reps, seed
     )
@@ -205,7 +234,8 @@ def sharing_stats(
         matrices, lambda s: rly.score_distributions(s, TAUS), reps, seed
     )
     profiles = {a: (profile_points[a], profile_intervals[a]) for a in matrices}
-    return SharingStats(sharing, tasks, n_runs, aggregates, improvement, profiles, improver)
+    seeds = {a: m.shape[0] for a, m in matrices.items()}
+    return SharingStats(sharing, tasks, seeds, left_out, aggregates, improvement, profiles, improver)
 
 
 def compute_stats(
@@ -215,7 +245,7 @@ def compute_stats(
     reps: int = DEFAULT_REPS,
     seed: int = 0,
 ) -> list[SharingStats]:
-    """The statistics of every network type (those without a task common to all algorithms skipped)."""
+    """The statistics of every network type."""
     if improver not in report.algorithms:
         warnings.warn(
             f"No probability of improvement: --improver {improver} has no runs here (algorithms: "
@@ -224,22 +254,26 @@ def compute_stats(
             stacklevel=2,
         )
     bounds = task_bounds(report, references)
-    stats = [sharing_stats(report, s, bounds, improver, reps, seed) for s in report.sharings]
-    return [s for s in stats if s is not None]
+    return [sharing_stats(report, s, bounds, improver, reps, seed) for s in report.sharings]
 
 
 # ------------------------------------------------------------------------------------------ output
 
 
 def stats_rows(stats: SharingStats) -> list[list[str]]:
-    """Header and one row per algorithm: IQM and mean [95% CI], P(improver > algorithm) [95% CI]."""
+    """Header and one row per algorithm: seeds per task, IQM and mean [95% CI], P(improver > algorithm)
+    [95% CI]."""
     improver = display_algorithm(stats.improver)
-    header = ["Algorithm", *(f"{name} [95% CI]" for name in AGGREGATES)]
+    header = ["Algorithm", "Seeds", *(f"{name} [95% CI]" for name in AGGREGATES)]
     if stats.improvement:
         header.append(f"P({improver} > algorithm) [95% CI]")
     rows = [header]
     for algorithm, estimates in stats.aggregates.items():
-        row = [display_algorithm(algorithm), *(str(estimates[name]) for name in AGGREGATES)]
+        row = [
+            display_algorithm(algorithm),
+            str(stats.seeds[algorithm]),
+            *(str(estimates[name]) for name in AGGREGATES),
+        ]
         if stats.improvement:
             row.append(str(stats.improvement[algorithm]) if algorithm in stats.improvement else "–")
         rows.append(row)
@@ -247,21 +281,27 @@ def stats_rows(stats: SharingStats) -> list[list[str]]:
 
 
 def format_stats(stats: Sequence[SharingStats], normalisation: str) -> str:
-    """The Markdown text of ``stats.md``: one table per network type."""
+    """The Markdown text of ``stats.md``: per network type, its tasks, a table and the runs left out."""
     parts = [
         "# Aggregate statistics (rliable)\n\n"
         f"Final scores normalised per task ({normalisation}); interquartile mean (IQM) and mean over all "
         f"runs and tasks, and the probability of improvement, with {CONFIDENCE:.0%} stratified bootstrap "
-        "confidence intervals (Agarwal et al., 2021).\n"
+        "confidence intervals (Agarwal et al., 2021). Each algorithm uses the same number of seeds on every "
+        "task (Seeds: the fewest it has on any, its first seeds on each); the runs left out are listed below "
+        "each table.\n"
     ]
     for s in stats:
-        caption = f"## {display_sharing(s.sharing)}: {len(s.tasks)} task(s) × {s.n_runs} seed(s)"
-        parts.append(f"{caption}\n\nTasks: {', '.join(s.tasks)}.\n\n{markdown_table(stats_rows(s))}\n")
+        left_out = "".join(f"\n- {run}" for run in s.left_out) or " none."
+        parts.append(
+            f"## {display_sharing(s.sharing)}: {len(s.tasks)} task(s)\n\nTasks: {', '.join(s.tasks)}.\n\n"
+            f"{markdown_table(stats_rows(s))}\n\nRuns left out ({len(s.left_out)}):{left_out}\n"
+        )
     return "\n".join(parts)
 
 
 def write_stats_csv(stats: Sequence[SharingStats], path: Path) -> None:
-    """One line per (network type, algorithm, statistic): estimate and CI bounds."""
+    """One line per (network type, algorithm, statistic): estimate, CI bounds, tasks and the algorithm's
+    seeds per task (for P(improver > algorithm), the baseline's)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
@@ -271,7 +311,9 @@ def write_stats_csv(stats: Sequence[SharingStats], path: Path) -> None:
             rows = [(a, name, e) for a, estimates in s.aggregates.items() for name, e in estimates.items()]
             rows += [(b, f"P({s.improver} > algorithm)", e) for b, e in s.improvement.items()]
             for algorithm, name, e in rows:
-                writer.writerow([s.sharing, algorithm, name, e.value, e.low, e.high, len(s.tasks), s.n_runs])
+                writer.writerow(
+                    [s.sharing, algorithm, name, e.value, e.low, e.high, len(s.tasks), s.seeds[algorithm]]
+                )
 
 
 def write_profiles_csv(stats: Sequence[SharingStats], path: Path) -> None:

@@ -175,6 +175,21 @@ def plan(
     return runs
 
 
+def invalid_runs(runs: Sequence[SweepRun]) -> list[tuple[str, str]]:
+    """The planned runs whose ``fp3o fit`` configuration does not parse or check, with the error of each
+    (``fp3o_lightning.cli.check_fit_args``: nothing is built or started)."""
+    from fp3o_lightning.cli import check_fit_args
+    from fp3o_lightning.errors import ConfigError
+
+    invalid = []
+    for run in runs:
+        try:
+            check_fit_args(list(run.command[run.command.index("fit") + 1 :]))
+        except ConfigError as error:
+            invalid.append((run.label, str(error)))
+    return invalid
+
+
 # -------------------------------------------------------------------------------- previous attempts
 
 
@@ -494,6 +509,14 @@ def main(argv: list[str] | None = None, num_cpus: int | None = None) -> int:
     if missing:
         p.error(f"config file(s) not found: {', '.join(missing)}")
     runs = plan(args.config, args.seeds, grid, tags, extra, threads=max(1, int(args.cpus_per_run)))
+    invalid = invalid_runs(runs)
+    if invalid:
+        print(
+            f"fp3o sweep: error: {len(invalid)} of the {len(runs)} planned runs are misconfigured; nothing "
+            "was started:\n" + "\n".join(f"  {label}: {error}" for label, error in invalid),
+            file=sys.stderr,
+        )
+        return 2
     store = Store.of(extra)
     pending = pending_runs(runs, store.runs() if store else {})
     resumed = sum(r.resume_from is not None for r in pending)

@@ -5,11 +5,17 @@
 For every run (finished or not), ``results/runs/<run>/`` gets ``metrics.csv`` (the history of
 ``RECORDED_METRICS``: key, frames, value, timestamp in ms) and ``run.json`` (tags, hyperparameters,
 status, frames, training wall time), so that the table and the learning curves can be rebuilt on any
-machine (``results/report.py``). Each finished run (``total_frames`` reached) also gets one row in
-``results/mamujoco_10M.csv``, with exactly the columns
-``task,sharing,algorithm,seed,frames,final_eval_return,commit``: ``final_eval_return`` is the last
-evaluation's ``eval/return_mean`` (the mean of its 32 episodes). A run already in the file (same task,
-sharing, algorithm, seed and commit) is not written twice.
+machine (``results/report.py``). A run's task is derived from its ``env/...`` params
+(``fp3o_lightning.envs.task_name``), not taken from its ``task`` tag: runs from ``3b131c7`` tagged
+MaMuJoCo runs with the official observation layout with the plain task (``Hopper 3x1`` for
+``Hopper 3x1 official-obs``); run.json's tags get the derived task.
+
+Each finished run (``total_frames`` reached) also gets one row in ``results/mamujoco_10M.csv``, with
+exactly the columns ``COLUMNS``: ``final_eval_return`` is the last evaluation's ``eval/return_mean`` (the
+mean of its 32 episodes), ``last10_eval_mean`` the mean of the last 10 evaluations' returns, and
+``superseded_by`` is empty (a later commit whose default change makes the run no longer count is
+written there by hand, and the run's directory moved to ``results/runs_superseded/``). A run already in
+the file (same task, sharing, algorithm, seed and commit) is not written twice.
 """
 
 from __future__ import annotations
@@ -21,7 +27,20 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-COLUMNS = ("task", "sharing", "algorithm", "seed", "frames", "final_eval_return", "commit")
+from fp3o_lightning.envs import task_name
+from fp3o_lightning.report import last_n_mean, latest_per_step
+
+COLUMNS = (
+    "task",
+    "sharing",
+    "algorithm",
+    "seed",
+    "frames",
+    "final_eval_return",
+    "commit",
+    "last10_eval_mean",
+    "superseded_by",
+)
 RESULTS = Path(__file__).resolve().parent
 CSV = RESULTS / "mamujoco_10M.csv"
 RECORDED_METRICS = (
@@ -33,12 +52,28 @@ RECORDED_METRICS = (
 )
 #: A gap between two logged iterations longer than this is a stop (the run was resumed later).
 STOP_GAP_MS = 10 * 60 * 1000
+#: Evaluations averaged into ``last10_eval_mean``.
+LAST_EVALUATIONS = 10
 
 
 def run_directory(tags: dict[str, str]) -> str:
     """``halfcheetah6x1_nops_fp3o_s0``-style name of a run's directory."""
     task = tags["task"].lower().replace(" ", "")
     return f"{task}_{tags['sharing']}_{tags['algorithm']}_s{tags['seed']}"
+
+
+def run_task(run) -> str:
+    """The run's task from its ``env/...`` params (``env/scenario``, ``env/agent_conf``,
+    ``env/observation_layout``, ...), as ``fp3o fit`` names it."""
+    env = {
+        key.removeprefix("env/"): value for key, value in run.data.params.items() if key.startswith("env/")
+    }
+    if not env:
+        raise ValueError(
+            f"Run {run.info.run_id} logs no env/... params, so its task cannot be derived; record runs "
+            "logged by `fp3o fit`, which logs the model's env options as params."
+        )
+    return task_name(env)
 
 
 def training_hours(timestamps: list[int]) -> float:
@@ -50,7 +85,8 @@ def training_hours(timestamps: list[int]) -> float:
 
 def record(client: MlflowClient, run, commit: str) -> tuple[dict[str, str] | None, str]:
     """Write the run's ``metrics.csv`` and ``run.json``; its CSV row if it finished, and a summary line."""
-    tags, params = run.data.tags, run.data.params
+    params = run.data.params
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")} | {"task": run_task(run)}
     history = {key: client.get_metric_history(run.info.run_id, key) for key in RECORDED_METRICS}
     frames = int(max((m.value for m in history["train/frames"]), default=0))
     finished = frames >= int(params.get("total_frames", 0)) and history["eval/return_mean"]
@@ -64,7 +100,7 @@ def record(client: MlflowClient, run, commit: str) -> tuple[dict[str, str] | Non
             writer.writerows((key, m.step, m.value, m.timestamp) for m in ordered)
     hours = training_hours([m.timestamp for m in history["train/frames"]])
     summary = {
-        "tags": {k: v for k, v in tags.items() if not k.startswith("mlflow.")},
+        "tags": tags,
         "params": params,
         "status": "FINISHED" if finished else "UNFINISHED",
         "frames": frames,
@@ -73,12 +109,16 @@ def record(client: MlflowClient, run, commit: str) -> tuple[dict[str, str] | Non
     }
     (directory / "run.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     line = f"{directory.name}: {frames} frames, {hours:.2f} h of training"
+    if tags["task"] != run.data.tags.get("task"):
+        line += f" (tagged task {run.data.tags.get('task')!r}; its env params make it {tags['task']!r})"
     if not finished:
         return None, f"{line} (not finished)"
-    last = max(history["eval/return_mean"], key=lambda m: m.step)
+    _, evaluations = latest_per_step(history["eval/return_mean"])
+    final, last10 = evaluations[-1], last_n_mean(evaluations, LAST_EVALUATIONS)
     row = {"task": tags["task"], "sharing": tags["sharing"], "algorithm": tags["algorithm"]}
-    row |= {"seed": tags["seed"], "frames": str(frames), "final_eval_return": f"{last.value:.1f}"}
-    return row | {"commit": commit}, f"{line}, final evaluation {last.value:.1f}"
+    row |= {"seed": tags["seed"], "frames": str(frames), "final_eval_return": f"{final:.1f}"}
+    row |= {"commit": commit, "last10_eval_mean": f"{last10:.1f}", "superseded_by": ""}
+    return row, f"{line}, final evaluation {final:.1f}, mean of the last {LAST_EVALUATIONS} {last10:.1f}"
 
 
 def main() -> None:

@@ -8,10 +8,15 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from fp3o_lightning.report import latest_per_step
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+TOTAL_FRAMES = 12_000
 
 
 def load(name: str):
@@ -21,32 +26,48 @@ def load(name: str):
     return module
 
 
-def make_store(path: Path, total_frames: int, frames: int) -> Path:
-    """An MLflow store with one run tagged as ``FP3OModule.tag_runs`` does, logging up to ``frames``."""
+def make_store(path: Path, frames: int, layout: str = "gymnasium", env_params: bool = True) -> Path:
+    """An MLflow store with one Hopper 3x1 run tagged as ``FP3OModule.tag_runs`` did at commit 3b131c7 (the
+    plain task whatever the observation layout), evaluating every 1000 frames up to ``frames``."""
     client = MlflowClient(tracking_uri=f"sqlite:///{path}")
     experiment = client.create_experiment("fp3o", artifact_location=str(path.parent / "artifacts"))
     tags = {"task": "Hopper 3x1", "sharing": "nops", "algorithm": "fp3o", "seed": "2", "env": "mamujoco"}
     run = client.create_run(experiment, tags=tags)
-    client.log_param(run.info.run_id, "total_frames", total_frames)
+    client.log_param(run.info.run_id, "total_frames", TOTAL_FRAMES)
+    if env_params:
+        env = {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "observation_layout": layout}
+        for key, value in env.items():
+            client.log_param(run.info.run_id, f"env/{key}", value)
     for step in range(1000, frames + 1, 1000):
         client.log_metric(run.info.run_id, "train/frames", step, step=step, timestamp=step)
         client.log_metric(run.info.run_id, "eval/return_mean", step / 10, step=step, timestamp=step)
     return path
 
 
-@pytest.mark.parametrize("frames", [3000, 2000], ids=["finished", "unfinished"])
-def test_a_recorded_run_is_rebuilt_into_the_table(tmp_path, monkeypatch, frames):
+@pytest.fixture
+def scripts(tmp_path, monkeypatch):
+    """``record_runs`` and ``report`` writing into ``tmp_path`` instead of ``results/``."""
     record_runs, report = load("record_runs"), load("report")
     for module in (record_runs, report):
         monkeypatch.setattr(module, "RESULTS", tmp_path)
     monkeypatch.setattr(record_runs, "CSV", tmp_path / "table.csv")
-    store = make_store(tmp_path / "mlflow.db", total_frames=3000, frames=frames)
+    return record_runs, report
+
+
+def the_run(store: Path):
     client = MlflowClient(f"sqlite:///{store}")
     (run,) = client.search_runs([client.get_experiment_by_name("fp3o").experiment_id])
+    return client, run
+
+
+@pytest.mark.parametrize("frames", [TOTAL_FRAMES, TOTAL_FRAMES - 1000], ids=["finished", "unfinished"])
+def test_a_recorded_run_is_rebuilt_into_the_table(tmp_path, scripts, frames):
+    record_runs, report = scripts
+    client, run = the_run(make_store(tmp_path / "mlflow.db", frames))
     row, line = record_runs.record(client, run, commit="abc1234")
     summary = json.loads((tmp_path / "runs" / "hopper3x1_nops_fp3o_s2" / "run.json").read_text())
     assert summary["frames"] == frames and summary["commit"] == "abc1234"
-    if frames < 3000:
+    if frames < TOTAL_FRAMES:
         assert row is None and summary["status"] == "UNFINISHED" and "not finished" in line
         return
     assert row == {
@@ -54,14 +75,76 @@ def test_a_recorded_run_is_rebuilt_into_the_table(tmp_path, monkeypatch, frames)
         "sharing": "nops",
         "algorithm": "fp3o",
         "seed": "2",
-        "frames": "3000",
-        "final_eval_return": "300.0",
+        "frames": str(TOTAL_FRAMES),
+        "final_eval_return": "1200.0",
         "commit": "abc1234",
+        "last10_eval_mean": f"{np.mean(np.arange(3, 13) * 100):.1f}",  # evaluations 3 to 12 of 12
+        "superseded_by": "",
     }
+    assert list(row) == list(record_runs.COLUMNS)
     assert report.main([]) == 0
-    table = list(csv.reader((tmp_path / "report" / "table.csv").open()))
-    assert any("300" in cell for line in table for cell in line)
+    table = list(csv.DictReader((tmp_path / "report" / "table.csv").open()))
+    assert float(table[0]["mean"]) == 1200 and float(table[0]["last_n_mean"]) == 750
+    markdown = (tmp_path / "report" / "table.md").read_text()
+    assert "Runs: the 1 recorded run in results/runs/ (results/report.py). " in markdown
+    assert "sqlite" not in markdown and "sqlite" not in (tmp_path / "report" / "stats.md").read_text()
     assert (tmp_path / "report" / "curves_Hopper_3x1.png").stat().st_size > 0
+
+
+def test_the_task_comes_from_the_env_params_not_the_tag(tmp_path, scripts):
+    record_runs, _ = scripts
+    client, run = the_run(make_store(tmp_path / "mlflow.db", TOTAL_FRAMES, layout="official"))
+    row, line = record_runs.record(client, run, commit="3b131c7")
+    assert row["task"] == "Hopper 3x1 official-obs"
+    summary = json.loads((tmp_path / "runs" / "hopper3x1official-obs_nops_fp3o_s2" / "run.json").read_text())
+    assert summary["tags"]["task"] == "Hopper 3x1 official-obs"
+    assert "tagged task 'Hopper 3x1'" in line
+    assert not (tmp_path / "runs" / "hopper3x1_nops_fp3o_s2").exists()
+
+
+def test_a_run_without_env_params_names_the_fix(tmp_path, scripts):
+    record_runs, _ = scripts
+    client, run = the_run(make_store(tmp_path / "mlflow.db", TOTAL_FRAMES, env_params=False))
+    with pytest.raises(ValueError, match="logs no env/... params, so its task cannot be derived"):
+        record_runs.record(client, run, commit="abc1234")
+
+
+def test_superseded_runs_are_reported_apart(tmp_path, scripts, capsys):
+    record_runs, report = scripts
+    client, run = the_run(make_store(tmp_path / "mlflow.db", TOTAL_FRAMES))
+    record_runs.record(client, run, commit="b70bc3d")
+    assert report.main(["--superseded"]) == 1
+    assert "no recorded runs in" in capsys.readouterr().err
+    (tmp_path / "runs").rename(tmp_path / "runs_superseded")
+    recorded = tmp_path / "runs_superseded" / "hopper3x1_nops_fp3o_s2" / "run.json"
+    recorded.write_text(json.dumps(json.loads(recorded.read_text()) | {"superseded_by": "3b131c7"}))
+    assert report.main(["--superseded", "--reps", "10"]) == 0
+    markdown = (tmp_path / "report" / "superseded" / "table.md").read_text()
+    assert (
+        "Runs: the 1 recorded run in results/runs_superseded/ (results/report.py --superseded), superseded "
+        "by the training defaults of 3b131c7. " in markdown
+    )
+    assert not (tmp_path / "report" / "table.md").exists()
+
+
+def test_the_recorded_csv_matches_the_recorded_runs():
+    record_runs = load("record_runs")
+    rows = list(csv.DictReader((RESULTS / "mamujoco_10M.csv").open()))
+    assert rows and list(rows[0]) == list(record_runs.COLUMNS)
+    for row in rows:
+        source = "runs_superseded" if row["superseded_by"] else "runs"
+        directory = RESULTS / source / record_runs.run_directory(row)
+        summary = json.loads((directory / "run.json").read_text())
+        assert summary.get("superseded_by", "") == row["superseded_by"]
+        assert summary["tags"]["task"] == row["task"] and summary["commit"] == row["commit"]
+        history = [
+            Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["frames"]))
+            for r in csv.DictReader((directory / "metrics.csv").open())
+            if r["key"] == "eval/return_mean"
+        ]
+        _, evaluations = latest_per_step(history)
+        assert float(row["final_eval_return"]) == pytest.approx(evaluations[-1], abs=0.05)
+        assert float(row["last10_eval_mean"]) == pytest.approx(evaluations[-10:].mean(), abs=0.05)
 
 
 def test_training_time_leaves_out_the_stops_between_sessions():

@@ -37,9 +37,11 @@ class EnvEntry:
     renders: bool = False
     note: str = ""
 
-    def load(self, name: str) -> type[EnvBase]:
+    def load(self, name: str, check_requirements: bool = True) -> type[EnvBase]:
+        """The class, imported; first, unless told not to (to read its options: the classes import
+        their optional dependencies only when built), a clear error if those are missing."""
         missing = [module for module in self.requires if importlib.util.find_spec(module) is None]
-        if missing:
+        if missing and check_requirements:
             extra = f"[{self.extra}]" if self.extra else ""
             raise ModuleNotFoundError(
                 f"env {name!r} needs {', '.join(missing)}, which is not installed; install it with "
@@ -56,6 +58,8 @@ ENV_REGISTRY: dict[str, EnvEntry] = {
         "fp3o_lightning.envs.mamujoco:MaMuJoCoEnv", ("gymnasium_robotics", "mujoco"), renders=True
     ),
     "vmas": EnvEntry("fp3o_lightning.envs.vmas:VMASEnv", ("vmas",), extra="vmas"),
+    "pettingzoo": EnvEntry("fp3o_lightning.envs.external:PettingZooEnv", ("pettingzoo",), extra="pettingzoo"),
+    "torchrl": EnvEntry("fp3o_lightning.envs.external:TorchRLEnv"),
     "smax": EnvEntry("fp3o_lightning.envs.smax:SMAXEnv", ("jaxmarl",), extra="smax"),
     "smacv2": EnvEntry(
         "fp3o_lightning.envs.smacv2:SMACv2TaskEnv",
@@ -67,8 +71,9 @@ ENV_REGISTRY: dict[str, EnvEntry] = {
 }
 
 
-def env_class(name: str) -> type[EnvBase]:
-    """The environment class registered as ``name``, imported now.
+def env_class(name: str, check_requirements: bool = True) -> type[EnvBase]:
+    """The environment class registered as ``name``, imported now (``check_requirements``: see
+    :meth:`EnvEntry.load`).
 
     Raises:
         ValueError: if ``name`` is not registered; the message lists the valid names.
@@ -80,7 +85,7 @@ def env_class(name: str) -> type[EnvBase]:
         raise ValueError(
             f"Unknown env name {name!r}; valid names: {', '.join(sorted(ENV_REGISTRY))}."
         ) from None
-    return entry.load(name)
+    return entry.load(name, check_requirements)
 
 
 def make_env(name: str, **kwargs: Any) -> EnvBase:
@@ -89,9 +94,18 @@ def make_env(name: str, **kwargs: Any) -> EnvBase:
 
 
 def task_name(env: dict[str, Any]) -> str:
-    """A short task label for tables and run tags, e.g. ``HalfCheetah 6x1`` or ``3s5z``."""
+    """A short task label for tables and run tags, e.g. ``HalfCheetah 6x1`` or ``3s5z``; a MaMuJoCo task
+    observed through the paper code's layout where it differs from gymnasium-robotics' is another task
+    (``Hopper 3x1 official-obs``)."""
     if env.get("name") == "mamujoco":
-        return " ".join(str(env[k]) for k in ("scenario", "agent_conf") if env.get(k) is not None)
+        from fp3o_lightning.envs.observation_layouts import OFFICIAL_LAYOUT_DIFFERS
+
+        task = " ".join(str(env[k]) for k in ("scenario", "agent_conf") if env.get(k) is not None)
+        differs = OFFICIAL_LAYOUT_DIFFERS.get((env.get("scenario"), env.get("agent_conf")), False)
+        return f"{task} official-obs" if env.get("observation_layout") == "official" and differs else task
+    path = env.get("task") or env.get("factory")  # pettingzoo's and torchrl's import paths
+    if path:
+        return str(path).replace(":", ".").split(".")[-2 if str(path).endswith("parallel_env") else -1]
     return str(env.get("map_name") or env.get("scenario") or env.get("name"))
 
 

@@ -64,7 +64,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -544,7 +544,7 @@ class MaMuJoCoEnv(EnvBase):
         camera_name: str | None = "track",
         max_faults: int = 10,
         clip_actions: bool = False,
-        observation_layout: str = "gymnasium",
+        observation_layout: Literal["gymnasium", "official"] = "gymnasium",
     ) -> None:
         if not isinstance(agent_obsk, int) or isinstance(agent_obsk, bool) or agent_obsk < 0:
             raise ValueError(f"agent_obsk must be an integer >= 0, got {agent_obsk!r}.")

@@ -323,6 +323,8 @@ class SMAXEnv(EnvBase):
             ``max_steps`` (100, for every map; SMAC's limits are per map, e.g. 150 for 3s5z).
         seed: seed of the sub-envs' JAX keys (see the module docstring); ``None``: fresh OS entropy.
         device: device of the produced tensors (see the module docstring for where JAX simulates).
+        obs_last_action: append each agent's previous action (one-hot) to its observation, as SMAC's
+            ``obs_last_action`` (the paper's code).
         **smax_kwargs: further options of ``HeuristicEnemySMAX`` and ``SMAX``, e.g. ``attack_mode``
             (``"closest"`` or ``"random"``), ``enemy_shoots``, ``observation_type`` (``"unit_list"`` or
             ``"conic"``), ``won_battle_bonus``, ``walls_cause_death``, ``see_enemy_actions``. Only discrete
