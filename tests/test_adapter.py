@@ -280,3 +280,17 @@ def test_pettingzoo_run_crashes_and_resumes_exactly(tmp_path, monkeypatch) -> No
         main([*args, "--trainer.callbacks+=tests.test_resume.CrashAt", "--trainer.callbacks.iteration=3"])
     main([*args, "--ckpt_path=last"])
     assert run_metrics(crashed) == run_metrics(reference)
+
+
+def test_closing_keeps_the_processs_torch_threads() -> None:
+    """TorchRL's batched environments raise torch's thread count when they close; the adapter keeps the
+    trainer's setting (one thread is many times faster than more on busy cores)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        env = make_env("torchrl", factory="tests.toy_envs:Rendezvous", num_envs=8, seed=0)
+        env.rollout(3)
+        env.close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

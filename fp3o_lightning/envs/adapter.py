@@ -340,7 +340,11 @@ class MultiAgentAdapter(EnvBase):
 
     def close(self, *, raise_if_closed: bool = True) -> None:
         if not self._inner.is_closed:
+            # TorchRL's batched environments raise the process's torch threads when they close (by the
+            # number of copies); the trainer's own setting (model.num_threads) must stay.
+            threads = torch.get_num_threads()
             self._inner.close(raise_if_closed=raise_if_closed)
+            torch.set_num_threads(threads)
         super().close(raise_if_closed=raise_if_closed)
 
 
