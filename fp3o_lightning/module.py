@@ -483,7 +483,8 @@ class FP3OModule(L.LightningModule):
     @property
     def env_device(self) -> torch.device:
         """Where the environment simulates: the module's device for VMAS, the CPU for the others."""
-        on_device = getattr(env_class(self.hparams.env["name"]), "simulates_on_device", False)
+        env = self.hparams.env
+        on_device = getattr(env_class(env["name"], backend=env.get("backend")), "simulates_on_device", False)
         return self.device if on_device else torch.device("cpu")
 
     def make_env(self, seed: int) -> EnvBase:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torchrl.envs import EnvBase
@@ -29,6 +29,8 @@ class EnvEntry:
         extra: the ``pip install 'fp3o-lightning[<extra>]'`` extra that installs them (``None``: core).
         renders: whether the class takes ``render_mode`` (for ``fp3o render``).
         note: what else it needs beyond pip (shown with the install command).
+        backends: other simulators of the same tasks, selected by the ``backend`` option (``"cpu"``: this
+            entry's own ``target``).
     """
 
     target: str
@@ -36,6 +38,7 @@ class EnvEntry:
     extra: str | None = None
     renders: bool = False
     note: str = ""
+    backends: dict[str, EnvEntry] = field(default_factory=dict)
 
     def load(self, name: str, check_requirements: bool = True) -> type[EnvBase]:
         """The class, imported; first, unless told not to (to read its options: the classes import
@@ -55,7 +58,17 @@ class EnvEntry:
 #: Environments by name.
 ENV_REGISTRY: dict[str, EnvEntry] = {
     "mamujoco": EnvEntry(
-        "fp3o_lightning.envs.mamujoco:MaMuJoCoEnv", ("gymnasium_robotics", "mujoco"), renders=True
+        "fp3o_lightning.envs.mamujoco:MaMuJoCoEnv",
+        ("gymnasium_robotics", "mujoco"),
+        renders=True,
+        backends={
+            "warp": EnvEntry(
+                "fp3o_lightning.envs.mamujoco_warp:MaMuJoCoWarpEnv",
+                ("gymnasium_robotics", "mujoco", "mujoco_warp", "warp"),
+                extra="warp",
+                renders=True,
+            )
+        },
     ),
     "vmas": EnvEntry("fp3o_lightning.envs.vmas:VMASEnv", ("vmas",), extra="vmas"),
     "pettingzoo": EnvEntry("fp3o_lightning.envs.external:PettingZooEnv", ("pettingzoo",), extra="pettingzoo"),
@@ -71,13 +84,11 @@ ENV_REGISTRY: dict[str, EnvEntry] = {
 }
 
 
-def env_class(name: str, check_requirements: bool = True) -> type[EnvBase]:
-    """The environment class registered as ``name``, imported now (``check_requirements``: see
-    :meth:`EnvEntry.load`).
+def env_entry(name: str, backend: str | None = None) -> EnvEntry:
+    """The registry entry of ``name`` (and ``backend``: ``None`` or ``"cpu"``, the entry itself).
 
     Raises:
-        ValueError: if ``name`` is not registered; the message lists the valid names.
-        ModuleNotFoundError: if its optional dependencies are missing; the message says how to install them.
+        ValueError: if ``name`` is not registered or has no such backend; the message lists the valid ones.
     """
     try:
         entry = ENV_REGISTRY[name]
@@ -85,12 +96,29 @@ def env_class(name: str, check_requirements: bool = True) -> type[EnvBase]:
         raise ValueError(
             f"Unknown env name {name!r}; valid names: {', '.join(sorted(ENV_REGISTRY))}."
         ) from None
-    return entry.load(name, check_requirements)
+    if backend in (None, "cpu"):
+        return entry
+    if backend not in entry.backends:
+        valid = ", ".join(repr(b) for b in ("cpu", *entry.backends))
+        raise ValueError(f"env {name!r} has no backend {backend!r}; its backends: {valid}.")
+    return entry.backends[backend]
 
 
-def make_env(name: str, **kwargs: Any) -> EnvBase:
-    """Build the env registered as ``name`` with ``kwargs``, e.g. ``make_env("mamujoco", scenario=...)``."""
-    return env_class(name)(**kwargs)
+def env_class(name: str, check_requirements: bool = True, backend: str | None = None) -> type[EnvBase]:
+    """The environment class registered as ``name`` (with ``backend``), imported now
+    (``check_requirements``: see :meth:`EnvEntry.load`).
+
+    Raises:
+        ValueError: if ``name`` is not registered (or has no such backend); the message lists the valid ones.
+        ModuleNotFoundError: if its optional dependencies are missing; the message says how to install them.
+    """
+    return env_entry(name, backend).load(name, check_requirements)
+
+
+def make_env(name: str, backend: str | None = None, **kwargs: Any) -> EnvBase:
+    """Build the env registered as ``name`` (on ``backend``, for those that have several) with ``kwargs``,
+    e.g. ``make_env("mamujoco", scenario=...)``."""
+    return env_class(name, backend=backend)(**kwargs)
 
 
 def task_name(env: dict[str, Any]) -> str:

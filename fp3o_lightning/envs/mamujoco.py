@@ -360,6 +360,41 @@ def _clip(x: np.ndarray, low: Any, high: Any, out: np.ndarray, exact_min_max: bo
     return np.clip(x, low, high, out=out)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ops:
+    """The array operations :class:`_Dynamics` uses: numpy's (the CPU env's, Gymnasium's own arithmetic) or
+    torch's (a simulator whose worlds are tensors), so that the formulas are written once."""
+
+    concat: Callable[[tuple[Any, ...]], Any]  # joined along the entries (axis 1)
+    all_rows: Callable[[Any], Any]  # bool [n, k] -> [n]
+    isfinite: Callable[[Any], Any]
+    clip: Callable[[Any, float, float], Any]  # a clipped copy
+    square_sum: Callable[[Any], Any]  # [n, k] -> [n]
+    norm: Callable[[Any], Any]  # [n, k] -> [n]
+    zeros_bool: Callable[[Any], Any]  # like [n] -> bool zeros
+
+
+NUMPY_OPS = _Ops(
+    concat=lambda arrays: np.concatenate(arrays, axis=1),
+    all_rows=lambda x: x.all(axis=1),
+    isfinite=np.isfinite,
+    clip=lambda x, low, high: _clip(x, low, high, np.empty(x.shape), low != 0 and high != 0),
+    # np.add.reduce is what np.sum runs (the same pairwise summation of each row) minus its wrapper
+    square_sum=lambda x: np.add.reduce(np.square(x), axis=1),
+    norm=lambda x: np.linalg.norm(x, axis=1),
+    zeros_bool=lambda like: np.zeros(len(like), dtype=bool),
+)
+TORCH_OPS = _Ops(
+    concat=lambda tensors: torch.cat(tensors, 1),
+    all_rows=lambda x: x.all(1),
+    isfinite=torch.isfinite,
+    clip=lambda x, low, high: x.clamp(low, high),
+    square_sum=lambda x: x.square().sum(1),
+    norm=lambda x: torch.linalg.vector_norm(x, dim=1),
+    zeros_bool=lambda like: torch.zeros(len(like), dtype=torch.bool, device=like.device),
+)
+
+
 class _Dynamics:
     """Gymnasium's reward and termination of one v5 locomotion task, vectorised over sub-envs.
 
@@ -371,16 +406,26 @@ class _Dynamics:
     Tasks are recognised by their exact class (:func:`_dynamics_for`); any other env keeps Gymnasium's
     ``step``.
 
+    The formulas run on numpy arrays (``ops=NUMPY_OPS``, this env's) or on torch tensors (``TORCH_OPS``: the
+    MuJoCo Warp backend's worlds). ``"reacher"`` (no termination; the distance of the fingertip to the target
+    after the step and the control cost) is the Warp backend's only: this env steps Reacher through Gymnasium.
+
     Attributes:
-        kind: ``"forward"`` (HalfCheetah, Swimmer), ``"hopper"``, ``"walker"`` or ``"ant"``.
+        kind: ``"forward"`` (HalfCheetah, Swimmer), ``"hopper"``, ``"walker"``, ``"ant"`` or ``"reacher"``.
         fields: the source fields it reads (:meth:`bind` gets views of them).
         before_field, before_key: where the x position is read before the step (``data.qpos[0]``, or
             Ant's ``data.xpos[main_body, 0]``).
     """
 
-    def __init__(self, sim: Any, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, sim: Any, kind: str, ops: _Ops = NUMPY_OPS) -> None:
+        self.kind, self.ops = kind, ops
         self.dt = float(sim.dt)
+        if kind == "reacher":
+            self.ctrl_cost_weight = sim._reward_control_weight
+            self.dist_weight = sim._reward_dist_weight
+            self.fingertip, self.target = (int(sim.data.body(name).id) for name in ("fingertip", "target"))
+            self.before_field, self.before_key, self.fields = "xpos", (self.fingertip, 0), ("xpos",)
+            return
         self.forward_weight = sim._forward_reward_weight
         self.ctrl_cost_weight = sim._ctrl_cost_weight
         if kind == "ant":
@@ -403,30 +448,33 @@ class _Dynamics:
     def bind(self, views: dict[str, np.ndarray]) -> None:
         """Read the sources from ``views[field]``: ``[num_envs, field size]`` views of the source rows."""
         self._views = views
-        self._never = np.zeros(len(views["qpos"]), dtype=bool)  # read-only use: copied by the caller
+        self._never = self.ops.zeros_bool(views[self.fields[0]])  # read-only use: copied by the caller
         key = self.before_key
         if self.before_field == "qpos":
             self._x_after = views["qpos"][:, key]
         else:  # xpos, flattened: [num_envs, nbody * 3]
             self._x_after = views["xpos"][:, 3 * key[0] + key[1]]
 
-    def control_cost(self, action: np.ndarray) -> np.ndarray:
-        """The control cost ``[num_envs]`` of the global ``action``s (computed before the physics runs).
+    def control_cost(self, action: Any) -> Any:
+        """The control cost ``[num_envs]`` of the global ``action``s (computed before the physics runs)."""
+        return self.ctrl_cost_weight * self.ops.square_sum(action)
 
-        ``np.add.reduce`` is what ``np.sum`` runs (the same pairwise summation of each row) minus its wrapper.
-        """
-        return self.ctrl_cost_weight * np.add.reduce(np.square(action), axis=1)
-
-    def __call__(self, before: np.ndarray, ctrl_cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, before: Any, ctrl_cost: Any) -> tuple[Any, Any]:
         """Reward (float64) and terminated (bool) ``[num_envs]`` of the step that started at x ``before``."""
+        ops = self.ops
+        if self.kind == "reacher":
+            xpos = self._views["xpos"]
+            tip, target = 3 * self.fingertip, 3 * self.target
+            vec = xpos[:, tip : tip + 3] - xpos[:, target : target + 3]
+            return -ops.norm(vec) * self.dist_weight - ctrl_cost, self._never
         x_velocity = (self._x_after - before) / self.dt
         if self.kind == "forward":
             return self.forward_weight * x_velocity - ctrl_cost, self._never
         qpos = self._views["qpos"]
         if self.kind == "ant":
-            state = np.concatenate((qpos, self._views["qvel"]), axis=1)
+            state = ops.concat((qpos, self._views["qvel"]))
             min_z, max_z = self.healthy_z_range
-            healthy = np.isfinite(state).all(axis=1) & (min_z <= qpos[:, 2]) & (qpos[:, 2] <= max_z)
+            healthy = ops.all_rows(ops.isfinite(state)) & (min_z <= qpos[:, 2]) & (qpos[:, 2] <= max_z)
             forward_reward = x_velocity * self.forward_weight
         else:
             min_z, max_z = self.healthy_z_range
@@ -434,25 +482,24 @@ class _Dynamics:
             z, angle = qpos[:, 1], qpos[:, 2]
             healthy = (min_z < z) & (z < max_z) & (min_angle < angle) & (angle < max_angle)
             if self.kind == "hopper":
-                state = np.concatenate((qpos, self._views["qvel"]), axis=1)[:, 2:]
+                state = ops.concat((qpos, self._views["qvel"]))[:, 2:]
                 min_state, max_state = self.healthy_state_range
-                healthy &= np.logical_and(min_state < state, state < max_state).all(axis=1)
+                healthy &= ops.all_rows((min_state < state) & (state < max_state))
             forward_reward = self.forward_weight * x_velocity
         rewards = forward_reward + healthy * self.healthy_reward
         if self.kind == "ant":
             low, high = self.contact_force_range
-            forces = self._views["cfrc_ext"]
-            contact_forces = _clip(forces, low, high, np.empty(forces.shape), low != 0 and high != 0)
-            costs = ctrl_cost + self.contact_cost_weight * np.add.reduce(np.square(contact_forces), axis=1)
+            contact_forces = ops.clip(self._views["cfrc_ext"], low, high)
+            costs = ctrl_cost + self.contact_cost_weight * ops.square_sum(contact_forces)
         else:
             costs = ctrl_cost
         terminated = ~healthy & self.terminate_when_unhealthy
         return rewards - costs, terminated
 
 
-def _dynamics_for(sim: Any) -> _Dynamics | None:
-    """The vectorised :class:`_Dynamics` of ``sim``'s task, or ``None`` to keep Gymnasium's ``step``."""
-    from gymnasium.envs.mujoco import ant_v5, half_cheetah_v5, hopper_v5, swimmer_v5, walker2d_v5
+def dynamics_kind(sim: Any) -> str | None:
+    """The :class:`_Dynamics` kind of ``sim``'s task (v5 locomotion tasks and Reacher), else ``None``."""
+    from gymnasium.envs.mujoco import ant_v5, half_cheetah_v5, hopper_v5, reacher_v5, swimmer_v5, walker2d_v5
 
     kinds = {
         half_cheetah_v5.HalfCheetahEnv: "forward",
@@ -460,9 +507,16 @@ def _dynamics_for(sim: Any) -> _Dynamics | None:
         hopper_v5.HopperEnv: "hopper",
         walker2d_v5.Walker2dEnv: "walker",
         ant_v5.AntEnv: "ant",
+        reacher_v5.ReacherEnv: "reacher",
     }
-    kind = kinds.get(type(sim))
-    if kind is None or sim.render_mode == "human" or not hasattr(sim, "_step_mujoco_simulation"):
+    return kinds.get(type(sim))
+
+
+def _dynamics_for(sim: Any) -> _Dynamics | None:
+    """The vectorised :class:`_Dynamics` of ``sim``'s task, or ``None`` to keep Gymnasium's ``step``
+    (Reacher: its observations are not all gathers, so its sub-envs step through Gymnasium anyway)."""
+    kind = dynamics_kind(sim)
+    if kind in (None, "reacher") or sim.render_mode == "human" or not hasattr(sim, "_step_mujoco_simulation"):
         return None
     return _Dynamics(sim, kind)
 

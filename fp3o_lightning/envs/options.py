@@ -102,18 +102,25 @@ def _docs(cls: type) -> dict[str, str]:
 
 
 @functools.cache
-def env_options(name: str) -> tuple[dict[str, EnvOption], bool]:
-    """The options of the environment registered as ``name`` and whether it takes further keyword
-    arguments (passed on as given)."""
-    from fp3o_lightning.envs import env_class
+def env_options(name: str, backend: str | None = None) -> tuple[dict[str, EnvOption], bool]:
+    """The options of the environment registered as ``name`` (on ``backend``) and whether it takes further
+    keyword arguments (passed on as given). An environment with several backends has the option
+    ``backend`` too."""
+    from fp3o_lightning.envs import env_class, env_entry
 
     try:
-        cls = env_class(name, check_requirements=False)
+        cls = env_class(name, check_requirements=False, backend=backend)
     except ModuleNotFoundError:  # its module needs what is missing: the error that names the extra
-        cls = env_class(name)
+        cls = env_class(name, backend=backend)
+    backends = env_entry(name).backends
+    options: dict[str, EnvOption] = {}
+    if backends:
+        choices = Literal[("cpu", *backends)]  # type: ignore[valid-type]
+        doc = f"the simulator: cpu (default) or {', '.join(backends)} (see the README's Devices section)"
+        options["backend"] = EnvOption("backend", choices, "cpu", False, doc)
     hints = inspect.get_annotations(cls.__init__, eval_str=True)
     docs = _docs(cls)
-    options, passes_kwargs = {}, False
+    passes_kwargs = False
     for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             passes_kwargs = True
@@ -148,10 +155,11 @@ def validate_env(env: Mapping[str, Any]) -> dict[str, Any]:
     name = env.get("name")
     if name is None:
         raise ConfigError(f"model.env has no 'name': give the environment, one of {', '.join(env_names())}")
+    backend = env.get("backend")
     try:
-        options, passes_kwargs = env_options(name)
-    except ValueError as error:  # an unregistered name
-        raise ConfigError(f"model.env.name: {error}") from None
+        options, passes_kwargs = env_options(name, None if backend == "cpu" else backend)
+    except ValueError as error:  # an unregistered name or backend
+        raise ConfigError(f"model.env.{'name' if name not in env_names() else 'backend'}: {error}") from None
     complete: dict[str, Any] = {"name": name}
     for key, value in env.items():
         if key == "name":
@@ -181,17 +189,24 @@ def validate_env(env: Mapping[str, Any]) -> dict[str, Any]:
 def describe_env_options() -> str:
     """Every environment's options for ``fp3o fit --help``: name, type, default and doc (environments
     whose optional dependencies are missing say how to install them)."""
+    from fp3o_lightning.envs import env_entry
+
     lines = []
     for name in env_names():
-        try:
-            options, passes_kwargs = env_options(name)
-        except ModuleNotFoundError as error:
-            lines.append(f"name: {name}  ({error})")
-            continue
-        lines.append(f"name: {name}")
-        for option in options.values():
-            default = "required" if option.required else f"default: {option.default!r}"
-            lines.append(f"  {option.name} ({option.type_text}; {default}): {option.doc}")
-        if passes_kwargs:
-            lines.append("  any further key: passed to the environment as given (see its docs)")
+        shown: dict[str, EnvOption] = {}
+        for backend in (None, *env_entry(name).backends):
+            heading = f"name: {name}" + (f", backend: {backend} (its other options)" if backend else "")
+            try:
+                options, passes_kwargs = env_options(name, backend)
+            except ModuleNotFoundError as error:
+                lines.append(f"{heading}  ({error})")
+                continue
+            lines.append(heading)
+            for option in options.values():
+                if shown.get(option.name) != option:
+                    default = "required" if option.required else f"default: {option.default!r}"
+                    lines.append(f"  {option.name} ({option.type_text}; {default}): {option.doc}")
+            shown |= options
+            if passes_kwargs:
+                lines.append("  any further key: passed to the environment as given (see its docs)")
     return "\n".join(lines)
