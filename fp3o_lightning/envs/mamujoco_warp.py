@@ -134,13 +134,13 @@ class MaMuJoCoWarpEnv(EnvBase):
             camera_name=camera_name,
         )
         sim = task._sims[0]
+        self._check_supported(sim.model)
         kind = dynamics_kind(sim)
         if kind is None:
             raise ValueError(
                 f"{scenario} {agent_conf}: the 'warp' backend knows the rewards of the v5 locomotion tasks "
                 "and Reacher only; use backend 'cpu'"
             )
-        self._check_supported(sim.model)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
         object.__setattr__(self, "_task", task)  # not a sub-module: its state is not this env's
         self.scenario, self.agent_conf, self.agent_obsk = scenario, agent_conf, agent_obsk
