@@ -241,3 +241,15 @@ def test_cli_renders_a_checkpoint_and_logs_to_its_mlflow_run(tmp_path, capsys) -
     with pytest.raises(SystemExit, match="elsewhere.db of run .* does not exist here"):
         main(args)
     assert not (tmp_path / "elsewhere.db").exists()
+
+
+def test_render_episode_draws_a_warp_world(tmp_path) -> None:
+    """``backend: warp``: one world copied into C MuJoCo and drawn, step by step."""
+    pytest.importorskip("mujoco_warp")
+    module = FP3OModule(**(TINY | {"env": ENV | {"backend": "warp"}}), total_frames=10)
+    path = render_episode(module, tmp_path / "warp.gif", steps=5, width=W, height=H)
+    frames = gif_frames(path)
+    assert len(frames) == 6
+    for frame in frames:
+        assert_shows_the_cheetah(frame)
+    assert np.abs(frames[-1].astype(int) - frames[0]).mean() > 1
