@@ -294,3 +294,32 @@ def test_closing_keeps_the_processs_torch_threads() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_natively_batched_torchrl_environment_trains() -> None:
+    """TorchRL's own VMAS wrapper builds all the copies at once (``batch_argument: num_envs``); the policy's
+    Gaussian actions beyond the bounds are clipped before VMAS (which refuses them) sees them."""
+    pytest.importorskip("vmas")
+    env = {
+        "name": "torchrl",
+        "factory": "torchrl.envs.libs.vmas:VmasEnv",
+        "factory_kwargs": {"scenario": "balance", "n_agents": 4, "max_steps": 20},
+        "batch_argument": "num_envs",
+        "max_episode_steps": 20,
+    }
+    adapted = make_env(**env, num_envs=3, seed=0)
+    assert (adapted.n_agents, adapted.observation_sizes[0], adapted.state_size) == (4, 16, 64)
+    rollout = adapted.rollout(25, break_when_any_done=False)
+    assert rollout["next", "done"].squeeze(-1).nonzero()[:, 1].unique().tolist() == [19]  # VMAS's max_steps
+    module = FP3OModule(
+        env=env,
+        sharing="fups",
+        num_envs=4,
+        rollout_length=20,
+        total_frames=160,
+        num_minibatches=2,
+        eval_episodes=4,
+        eval_num_envs=4,
+    )
+    fit_quietly(module)
+    assert module.frames == 160 and torch.isfinite(module.evaluate()["returns"]).all()

@@ -9,9 +9,9 @@ a user's ``EnvBase``, TorchRL's ``PettingZooWrapper``, ...), runs ``num_envs`` c
 * ``("agents", "observation")``: each agent's ``(group, "observation")``, flattened and zero-padded to the
   largest agent's (``observation_sizes``), as MaMuJoCo's;
 * ``("agents", "action")``: continuous actions padded to the largest agent's action (``action_sizes``; the
-  padding is ignored), or discrete actions as indices, with ``("agents", "action_mask")``: the group's own
-  ``(group, "action_mask")`` where the task gives one, and False on the padding of agents with fewer
-  actions;
+  padding is ignored) and clipped into the task's bounds before the task sees them, or discrete actions
+  as indices, with ``("agents", "action_mask")``: the group's own ``(group, "action_mask")`` where the
+  task gives one, and False on the padding of agents with fewer actions;
 * ``("agents", "alive")`` where the task says which agents act (TorchRL's ``(group, "mask")``, e.g. agents
   that left the episode): False for them;
 * ``"state"``: the task's own root ``"state"`` (flattened) where it has one, else every agent's
@@ -77,8 +77,9 @@ def _agent_groups(env: EnvBase, groups: Sequence[str] | None) -> list[str]:
     return list(groups)
 
 
-def _describe(env: EnvBase, name: str) -> Group:
-    """Group ``name``'s sizes, checked: vector observations and one kind of action."""
+def _describe(env: EnvBase, name: str, skip: int) -> Group:
+    """Group ``name``'s sizes, checked: vector observations and one kind of action (the specs' first
+    ``skip`` dimensions are the environment's batch)."""
     observation = env.full_observation_spec.get((name, "observation"), None)
     if observation is None:
         keys = list(env.full_observation_spec.get(name, Composite()).keys())
@@ -87,23 +88,23 @@ def _describe(env: EnvBase, name: str) -> Group:
             "observations from (group, 'observation')"
         )
     action = env.full_action_spec[name, "action"]
-    n_agents = action.shape[0]
+    n_agents = action.shape[skip]
     if isinstance(action, Categorical):
-        if action.shape != (n_agents,):
+        if action.shape[skip:] != (n_agents,):
             raise ValueError(
                 f"group {name!r}: discrete actions of shape {tuple(action.shape)} (several per "
                 "agent) are not supported; one index per agent is"
             )
         action_size = int(action.space.n)
     elif action.domain == "continuous":
-        action_size = int(torch.Size(action.shape[1:]).numel())
+        action_size = int(torch.Size(action.shape[skip + 1 :]).numel())
     else:
         raise ValueError(
             f"group {name!r}: actions of type {type(action).__name__} are not supported; give index actions "
             "(TorchRL's Categorical: PettingZooWrapper(..., categorical_actions=True)) or continuous ones"
         )
     reward = env.full_reward_spec.get((name, "reward"), None)
-    if reward is not None and reward.shape[1:].numel() != 1:
+    if reward is not None and reward.shape[skip + 1 :].numel() != 1:
         raise ValueError(
             f"group {name!r}: rewards of shape {tuple(reward.shape)} (several per agent) cannot be combined "
             "into one team reward; give each agent one reward"
@@ -111,7 +112,7 @@ def _describe(env: EnvBase, name: str) -> Group:
     return Group(
         name,
         n_agents,
-        int(observation.shape[1:].numel()),
+        int(observation.shape[skip + 1 :].numel()),
         action_size,
         (name, "action_mask") in env.full_observation_spec.keys(True, True),
         (name, "mask") in env.full_observation_spec.keys(True, True),
@@ -123,8 +124,10 @@ class MultiAgentAdapter(EnvBase):
     docstring).
 
     Args:
-        make_env: builds one copy (batch ``[]``); called once per copy, and once more to read the specs.
-        num_envs: copies stepped one after another (TorchRL's ``SerialEnv``).
+        make_env: builds one copy (batch ``[]``); called once per copy, and once more to read the specs. With
+            ``batched``, ``make_env(num_envs)`` builds all the copies at once, as one environment of batch
+            ``[num_envs]`` (e.g. TorchRL's ``VmasEnv``).
+        num_envs: copies, stepped one after another (TorchRL's ``SerialEnv``) unless ``batched``.
         max_episode_steps: episodes are truncated after this many steps (the task's own limit may come first).
         reward: ``mean`` or ``sum`` of the agents' rewards, where the task gives no team reward.
         groups: the agent groups, in order (default: every group with actions).
@@ -147,19 +150,26 @@ class MultiAgentAdapter(EnvBase):
         groups: Sequence[str] | None = None,
         seed: int | None = None,
         device: torch.device | str = "cpu",
+        batched: bool = False,
     ) -> None:
         if not isinstance(max_episode_steps, int) or max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
         if reward not in ("mean", "sum"):
             raise ValueError(f"reward must be 'mean' or 'sum', got {reward!r}")
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
-        probe = make_env()
-        if probe.batch_size != torch.Size([]):
+        probe, skip = (make_env(num_envs), 1) if batched else (make_env(), 0)
+        expected = torch.Size([num_envs] if batched else [])
+        if probe.batch_size != expected:
             raise ValueError(
-                f"make_env must build one copy (batch size []), got batch size {tuple(probe.batch_size)}; "
-                "the adapter makes num_envs copies itself"
+                f"the environment built has batch size {tuple(probe.batch_size)}, not {tuple(expected)}: "
+                + (
+                    "give the keyword that builds the copies at once"
+                    if batched
+                    else "build one copy (the "
+                    "adapter makes num_envs of them), or give the keyword that builds num_envs at once"
+                )
             )
-        self.groups = [_describe(probe, name) for name in _agent_groups(probe, groups)]
+        self.groups = [_describe(probe, name, skip) for name in _agent_groups(probe, groups)]
         discrete = {isinstance(probe.full_action_spec[g.name, "action"], Categorical) for g in self.groups}
         if len(discrete) > 1:
             raise ValueError("the agent groups mix continuous and discrete actions; train them separately")
@@ -173,17 +183,25 @@ class MultiAgentAdapter(EnvBase):
             )
         self._root_flags = [k for k in ("done", "terminated", "truncated") if k in probe.full_done_spec]
         self._has_state = "state" in probe.full_observation_spec
-        self._continuous_specs = [probe.full_action_spec[g.name, "action"] for g in self.groups]
+        self._bounds = [
+            tuple(
+                getattr(probe.full_action_spec[g.name, "action"].space, bound, None)
+                for bound in ("low", "high")
+            )
+            for g in self.groups
+        ]
         self.num_envs, self.max_episode_steps, self.reward_reduction = num_envs, max_episode_steps, reward
         self.observation_sizes = [g.observation_size for g in self.groups for _ in range(g.n_agents)]
         self.action_sizes = [g.action_size for g in self.groups for _ in range(g.n_agents)]
         self.n_agents = len(self.observation_sizes)
         self.max_obs_dim, self.max_action_dim = max(self.observation_sizes), max(self.action_sizes)
-        state = probe.full_observation_spec["state"].shape.numel() if self._has_state else None
+        state = probe.full_observation_spec["state"].shape[skip:].numel() if self._has_state else None
         self.state_size = int(state) if state is not None else sum(self.observation_sizes)
-        probe.close()
+        if not batched:
+            probe.close()
+            probe = SerialEnv(num_envs, make_env, device="cpu")
         # A plain attribute: the copies are not submodules, so that state_dict holds this env's own state.
-        object.__setattr__(self, "_inner", SerialEnv(num_envs, make_env, device="cpu"))
+        object.__setattr__(self, "_inner", probe)
         self._elapsed = torch.zeros(num_envs, dtype=torch.long)
         self._make_specs()
         if seed is not None:
@@ -204,10 +222,10 @@ class MultiAgentAdapter(EnvBase):
         low = -torch.ones(a, self.max_action_dim)
         high = torch.ones(a, self.max_action_dim)
         row = 0
-        for group, spec in zip(self.groups, self._continuous_specs, strict=True):
-            size = group.action_size
-            low[row : row + group.n_agents, :size] = spec.space.low.reshape(group.n_agents, size)
-            high[row : row + group.n_agents, :size] = spec.space.high.reshape(group.n_agents, size)
+        for group, (group_low, group_high) in zip(self.groups, self._bounds, strict=True):
+            size, rows = group.action_size, slice(row, row + group.n_agents)
+            low[rows, :size] = group_low.reshape(-1, group.n_agents, size)[0]  # (the first copy's)
+            high[rows, :size] = group_high.reshape(-1, group.n_agents, size)[0]
             row += group.n_agents
         action = Bounded(
             low.expand(n, -1, -1),
@@ -219,8 +237,13 @@ class MultiAgentAdapter(EnvBase):
 
     # ------------------------------------------------------------------ data
     def _inner_action(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Our padded ``("agents", "action")`` as each group's own actions."""
+        """Our padded ``("agents", "action")`` as each group's own actions; continuous ones clipped into
+        the task's bounds (the policy's Gaussian samples beyond them, and TorchRL's environments, VMAS's for
+        one, may refuse actions out of bounds)."""
         action = tensordict["agents", "action"].cpu()
+        if not self.discrete:
+            bounds = self.full_action_spec["agents", "action"].space
+            action = torch.minimum(torch.maximum(action, bounds.low.cpu()), bounds.high.cpu())
         out = TensorDict({}, batch_size=[self.num_envs])
         row = 0
         for group in self.groups:

@@ -94,7 +94,11 @@ class TorchRLEnv(MultiAgentAdapter):
         factory: the import path of the class or function, e.g. ``"my_package.envs:MyEnv"``.
         factory_kwargs: its keyword arguments.
         groups: the agent groups, in order (default: every group with actions), e.g. ``["agents"]``.
-        num_envs: copies stepped one after another.
+        batch_argument: the keyword argument through which ``factory`` builds all ``num_envs`` copies at once,
+            as one environment of batch ``[num_envs]`` (e.g. ``num_envs`` for TorchRL's ``VmasEnv``); its
+            checkpoints then hold only what its own ``state_dict()`` does. Default: ``factory`` builds one
+            copy (batch ``[]``) and the adapter steps ``num_envs`` of them one after another.
+        num_envs: copies.
         max_episode_steps: episodes are truncated after this many steps.
         reward: the team reward from the agents' rewards where the environment gives no root ``"reward"``:
             their ``mean`` or ``sum``.
@@ -107,6 +111,7 @@ class TorchRLEnv(MultiAgentAdapter):
         factory: str,
         factory_kwargs: dict[str, Any] | None = None,
         groups: list[str] | None = None,
+        batch_argument: str | None = None,
         num_envs: int = 1,
         max_episode_steps: int = 1000,
         reward: Reduction = "mean",
@@ -117,8 +122,8 @@ class TorchRLEnv(MultiAgentAdapter):
         kwargs = dict(factory_kwargs or {})
         self.factory, self.factory_kwargs = factory, kwargs
 
-        def make() -> EnvBase:
-            env = build(**kwargs)
+        def make(*copies: int) -> EnvBase:
+            env = build(**kwargs, **({batch_argument: copies[0]} if copies else {}))
             if not isinstance(env, EnvBase):
                 raise ConfigError(
                     f"model.env.factory={factory!r} built a {type(env).__name__}, not a TorchRL EnvBase; "
@@ -126,4 +131,6 @@ class TorchRLEnv(MultiAgentAdapter):
                 )
             return env
 
-        super().__init__(make, num_envs, max_episode_steps, reward, groups, seed, device)
+        super().__init__(
+            make, num_envs, max_episode_steps, reward, groups, seed, device, batch_argument is not None
+        )
