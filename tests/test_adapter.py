@@ -18,7 +18,7 @@ from fp3o_lightning.errors import ConfigError
 from fp3o_lightning.module import FP3OModule
 
 from .conftest import fit_quietly
-from .test_resume import run_metrics
+from .test_resume import crash_and_resume, run_metrics
 
 pytest.importorskip("mpe2", reason="PettingZoo's MPE tasks: pip install -e '.[pettingzoo]'")
 
@@ -271,14 +271,7 @@ def test_pettingzoo_run_crashes_and_resumes_exactly(tmp_path, monkeypatch) -> No
     args += ["--model.rollout_length=30", "--model.total_frames=300", "--model.num_minibatches=2"]
     args += ["--model.ppo_epochs=2", "--model.eval_interval=2", "--model.eval_episodes=2"]
     args += ["--model.checkpoint_interval=1", "--trainer.enable_progress_bar=false"]
-    (reference := tmp_path / "reference").mkdir()
-    (crashed := tmp_path / "crashed").mkdir()
-    monkeypatch.chdir(reference)
-    main(args)
-    monkeypatch.chdir(crashed)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main([*args, "--trainer.callbacks+=tests.test_resume.CrashAt", "--trainer.callbacks.iteration=3"])
-    main([*args, "--ckpt_path=last"])
+    reference, crashed = crash_and_resume(tmp_path, monkeypatch, args)
     assert run_metrics(crashed) == run_metrics(reference)
 
 

@@ -280,9 +280,8 @@ def test_training_on_the_warp_backend(algorithm: str, sharing: str) -> None:
 
 
 def test_a_crashed_warp_run_resumes_exactly(tmp_path, monkeypatch) -> None:
-    from fp3o_lightning.cli import main
 
-    from .test_resume import run_metrics
+    from .test_resume import crash_and_resume, run_metrics
 
     args = [
         "fit",
@@ -293,14 +292,7 @@ def test_a_crashed_warp_run_resumes_exactly(tmp_path, monkeypatch) -> None:
     args += ["--model.total_frames=500", "--model.num_minibatches=2", "--model.ppo_epochs=2"]
     args += ["--model.eval_interval=2", "--model.eval_episodes=2", "--model.checkpoint_interval=1"]
     args += ["--trainer.enable_progress_bar=false"]
-    (reference := tmp_path / "reference").mkdir()
-    (crashed := tmp_path / "crashed").mkdir()
-    monkeypatch.chdir(reference)
-    main(args)
-    monkeypatch.chdir(crashed)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main([*args, "--trainer.callbacks+=tests.test_resume.CrashAt", "--trainer.callbacks.iteration=3"])
-    main([*args, "--ckpt_path=last"])
+    reference, crashed = crash_and_resume(tmp_path, monkeypatch, args)
     assert run_metrics(crashed) == run_metrics(reference)
 
 

@@ -63,8 +63,9 @@ def run_metrics(directory: Path) -> tuple[int, dict[str, dict[int, float]]]:
     [[], ["--model.actor_network=rnn", "--model.data_chunk_length=10", "--model.hidden_size=16"]],
     ids=["mlp", "rnn"],  # rnn: the actor's and the critic's hidden states are carried over
 )
-def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch, options):
-    args = [*ARGS, *options]
+def crash_and_resume(tmp_path: Path, monkeypatch, args: list[str]) -> tuple[Path, Path]:
+    """``fp3o ARGS`` run through (in ``reference/``), and crashed at the end of iteration 3 then resumed from
+    its last checkpoint (in ``crashed/``)."""
     (reference := tmp_path / "reference").mkdir()
     (crashed := tmp_path / "crashed").mkdir()
     monkeypatch.chdir(reference)
@@ -72,6 +73,12 @@ def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch, options)
     monkeypatch.chdir(crashed)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main([*args, "--trainer.callbacks+=tests.test_resume.CrashAt", "--trainer.callbacks.iteration=3"])
+    main([*args, "--ckpt_path=last"])
+    return reference, crashed
+
+
+def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch, options):
+    reference, crashed = crash_and_resume(tmp_path, monkeypatch, [*ARGS, *options])
     (run_dir,) = (crashed / "checkpoints").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "best-iteration=2.ckpt",
@@ -79,7 +86,6 @@ def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch, options)
         "iteration=2.ckpt",
         "last.ckpt",
     ]
-    main([*args, "--ckpt_path=last"])
     runs, resumed = run_metrics(crashed)
     assert runs == 1  # the resumed fit continued the same MLflow run
     _, expected = run_metrics(reference)
