@@ -23,7 +23,7 @@ MISTAKES = {
     "model key typo": (["--model.actor_lrr", "0.1"], "unrecognized arguments: --model.actor_lrr"),
     "env key typo": (
         ["--model.env.agent_cnf", "2x3"],
-        "model.env.agent_cnf is not an option of env 'mamujoco'; its options: scenario, agent_conf,",
+        "model.env.agent_cnf is not an option of env 'mamujoco'; its options: backend, scenario, agent_conf,",
     ),
     "not a boolean": (["--model.env.clip_actions", "maybe"], "model.env.clip_actions='maybe' is not a bool"),
     "managed key": (
