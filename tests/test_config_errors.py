@@ -177,3 +177,13 @@ def test_enumerated_options_match_what_the_code_accepts() -> None:
     assert CHOICES["algorithm"] == tuple(SCHEMES)
     assert CHOICES["sharing"] == SHARING
     assert CHOICES["actor_network"] == ACTOR_NETWORKS
+
+
+def test_every_environment_option_is_documented() -> None:
+    """``--help`` shows each option's doc: every environment (and backend) documents every option it takes."""
+    from fp3o_lightning.envs import ENV_REGISTRY
+
+    for name, entry in ENV_REGISTRY.items():
+        for backend in (None, *entry.backends):
+            options, _ = env_options(name, backend)
+            assert all(option.doc for option in options.values()), (name, backend, options)

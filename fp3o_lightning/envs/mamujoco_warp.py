@@ -80,9 +80,10 @@ def _contact_capacity(sim: Any, steps: int = 400) -> tuple[int, int]:
 class MaMuJoCoWarpEnv(EnvBase):
     """``num_envs`` worlds of a MaMuJoCo task simulated by MuJoCo Warp on ``device``.
 
+    ``scenario``, ``agent_conf``, ``agent_obsk``, ``max_episode_steps``, ``clip_actions`` and
+    ``observation_layout`` are :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s options.
+
     Args:
-        scenario, agent_conf, agent_obsk, max_episode_steps, clip_actions, observation_layout: as
-            :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s.
         num_envs: worlds simulated in parallel (the batch size): thousands on a GPU.
         seed: seeds the reset noise and :meth:`rand_action`.
         device: where the worlds are simulated and every tensor lives (``"cuda"``; ``"cpu"`` runs, slowly).
@@ -90,12 +91,12 @@ class MaMuJoCoWarpEnv(EnvBase):
             actions, at least 16); a step that needs more raises an error that names this option.
         njmax: constraint rows allocated per world (default: likewise from C MuJoCo).
         graph: on CUDA, capture the frame-skip loop once as a CUDA graph and replay it every step.
-        render_mode, width, height, camera_name: for :meth:`render` (a copy of one world in C MuJoCo).
 
-    Attributes:
-        As :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s (``n_agents``, ``observation_sizes``,
-        ``action_sizes``, ``max_obs_dim``, ``max_action_dim``, ``state_size``, ...), and nconmax, njmax,
-        nonfinite_resets (worlds reset for a non-finite state, kept in the saved state).
+    ``render_mode``, ``width``, ``height`` and ``camera_name`` are for :meth:`render` (one world copied into C
+    MuJoCo). The attributes are :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s (``n_agents``,
+    ``observation_sizes``, ``action_sizes``, ``max_obs_dim``, ``max_action_dim``, ``state_size``, ...), and
+    ``nconmax``, ``njmax`` and ``nonfinite_resets`` (worlds reset for a non-finite state, kept in the saved
+    state).
     """
 
     simulates_on_device = True

@@ -14,11 +14,11 @@ pick the first class that accepts the keys, which can silently switch environmen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from fp3o_lightning.errors import ConfigError
@@ -36,7 +36,7 @@ MANAGED: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EnvOption:
     """One option of an environment: its type hint, default (``required`` when it has none) and doc."""
 
@@ -131,6 +131,11 @@ def env_options(name: str, backend: str | None = None) -> tuple[dict[str, EnvOpt
             options[parameter.name] = EnvOption(
                 parameter.name, hint, default, required, docs.get(parameter.name, "")
             )
+    if backend is not None:  # the options a backend shares with the entry's own class: their docs
+        shared = env_options(name)[0]
+        for key, option in options.items():
+            if not option.doc and key in shared:
+                options[key] = dataclasses.replace(option, doc=shared[key].doc)
     return options, passes_kwargs
 
 
@@ -203,7 +208,7 @@ def describe_env_options() -> str:
                 continue
             lines.append(heading)
             for option in options.values():
-                if shown.get(option.name) != option:
+                if option.name not in shown:
                     default = "required" if option.required else f"default: {option.default!r}"
                     lines.append(f"  {option.name} ({option.type_text}; {default}): {option.doc}")
             shown |= options
