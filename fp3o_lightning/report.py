@@ -578,7 +578,7 @@ def plot_task(report: Report, task: str, path: Path) -> None:
     from matplotlib.figure import Figure
 
     sharings = [s for s in report.sharings if any(k[:2] == (s, task) for k in report.cells)]
-    fig = Figure(figsize=(4.5 * len(sharings), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 4.5 * len(sharings)), 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(sharings), sharey=True, squeeze=False)[0]
     colors = {a: f"C{i}" for i, a in enumerate(report.algorithms)}
