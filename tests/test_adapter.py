@@ -3,6 +3,7 @@ adapter, checked against the raw environments' own outputs, trained, resumed and
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -276,14 +277,19 @@ def test_pettingzoo_run_crashes_and_resumes_exactly(tmp_path, monkeypatch) -> No
 
 
 def test_closing_keeps_the_processs_torch_threads() -> None:
-    """TorchRL's batched environments raise torch's thread count when they close; the adapter keeps the
-    trainer's setting (one thread is many times faster than more on busy cores)."""
+    """TorchRL's batched environments raise torch's thread count when they close; the adapter's keep the
+    trainer's setting (one thread is many times faster than more on busy cores), also when garbage collected."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         env = make_env("torchrl", factory="tests.toy_envs:Rendezvous", num_envs=8, seed=0)
         env.rollout(3)
         env.close()
+        assert torch.get_num_threads() == 1
+        env = make_env("torchrl", factory="tests.toy_envs:Rendezvous", num_envs=8, seed=0)
+        env.rollout(3)
+        del env  # closed by the garbage collector, which may run while torch.compile traces
+        gc.collect()
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -199,7 +199,7 @@ class MultiAgentAdapter(EnvBase):
         self.state_size = int(state) if state is not None else sum(self.observation_sizes)
         if not batched:
             probe.close()
-            probe = SerialEnv(num_envs, make_env, device="cpu")
+            probe = _SerialEnv(num_envs, make_env, device="cpu")
         # A plain attribute: the copies are not submodules, so that state_dict holds this env's own state.
         object.__setattr__(self, "_inner", probe)
         self._elapsed = torch.zeros(num_envs, dtype=torch.long)
@@ -363,12 +363,22 @@ class MultiAgentAdapter(EnvBase):
 
     def close(self, *, raise_if_closed: bool = True) -> None:
         if not self._inner.is_closed:
-            # TorchRL's batched environments raise the process's torch threads when they close (by the
-            # number of copies); the trainer's own setting (model.num_threads) must stay.
-            threads = torch.get_num_threads()
             self._inner.close(raise_if_closed=raise_if_closed)
-            torch.set_num_threads(threads)
         super().close(raise_if_closed=raise_if_closed)
+
+
+class _SerialEnv(SerialEnv):
+    """TorchRL's ``SerialEnv``, which leaves the process's torch threads as they were when it closes (also
+    when the garbage collector closes it): TorchRL's raises them by the number of copies, so the trainer's
+    setting (``model.num_threads``, one thread) would become several, and a change while ``torch.compile``
+    traces stops the compilation."""
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        threads = torch.get_num_threads()
+        try:
+            super().close(raise_if_closed=raise_if_closed)
+        finally:
+            torch.set_num_threads(threads)
 
 
 #: The attributes through which PettingZoo's wrappers hold the environment they wrap.
