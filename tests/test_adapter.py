@@ -278,7 +278,7 @@ def test_pettingzoo_run_crashes_and_resumes_exactly(tmp_path, monkeypatch) -> No
 
 def test_closing_keeps_the_processs_torch_threads() -> None:
     """TorchRL's batched environments raise torch's thread count when they close; the adapter's keep the
-    trainer's setting (one thread is many times faster than more on busy cores), also when garbage collected."""
+    trainer's setting (one thread is many times faster than more on busy cores), also when collected."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
