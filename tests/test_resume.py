@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -58,14 +59,11 @@ def run_metrics(directory: Path) -> tuple[int, dict[str, dict[int, float]]]:
     return len(runs), histories
 
 
-@pytest.mark.parametrize(
-    "options",
-    [[], ["--model.actor_network=rnn", "--model.data_chunk_length=10", "--model.hidden_size=16"]],
-    ids=["mlp", "rnn"],  # rnn: the actor's and the critic's hidden states are carried over
-)
-def crash_and_resume(tmp_path: Path, monkeypatch, args: list[str]) -> tuple[Path, Path]:
+def crash_and_resume(
+    tmp_path: Path, monkeypatch, args: list[str], after_crash: Callable[[Path], None] = lambda _: None
+) -> tuple[Path, Path]:
     """``fp3o ARGS`` run through (in ``reference/``), and crashed at the end of iteration 3 then resumed from
-    its last checkpoint (in ``crashed/``)."""
+    its last checkpoint (in ``crashed/``; ``after_crash(crashed)`` runs between the two)."""
     (reference := tmp_path / "reference").mkdir()
     (crashed := tmp_path / "crashed").mkdir()
     monkeypatch.chdir(reference)
@@ -73,19 +71,29 @@ def crash_and_resume(tmp_path: Path, monkeypatch, args: list[str]) -> tuple[Path
     monkeypatch.chdir(crashed)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main([*args, "--trainer.callbacks+=tests.test_resume.CrashAt", "--trainer.callbacks.iteration=3"])
+    after_crash(crashed)
     main([*args, "--ckpt_path=last"])
     return reference, crashed
 
 
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--model.actor_network=rnn", "--model.data_chunk_length=10", "--model.hidden_size=16"]],
+    ids=["mlp", "rnn"],  # rnn: the actor's and the critic's hidden states are carried over
+)
 def test_crash_and_resume_gives_the_same_metrics(tmp_path, monkeypatch, options):
-    reference, crashed = crash_and_resume(tmp_path, monkeypatch, [*ARGS, *options])
-    (run_dir,) = (crashed / "checkpoints").iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best-iteration=2.ckpt",
-        "iteration=1.ckpt",
-        "iteration=2.ckpt",
-        "last.ckpt",
-    ]
+    def checkpoints_before_the_crash(crashed: Path) -> None:
+        (run_dir,) = (crashed / "checkpoints").iterdir()
+        assert sorted(p.name for p in run_dir.iterdir()) == [
+            "best-iteration=2.ckpt",
+            "iteration=1.ckpt",
+            "iteration=2.ckpt",
+            "last.ckpt",
+        ]
+
+    reference, crashed = crash_and_resume(
+        tmp_path, monkeypatch, [*ARGS, *options], checkpoints_before_the_crash
+    )
     runs, resumed = run_metrics(crashed)
     assert runs == 1  # the resumed fit continued the same MLflow run
     _, expected = run_metrics(reference)
