@@ -44,7 +44,7 @@ from mlflow import MlflowClient
 from fp3o_lightning.callbacks import IterationCheckpoint, IterationProgressBar
 from fp3o_lightning.callbacks.checkpoints import CHECKPOINT_ROOT
 from fp3o_lightning.envs import task_name
-from fp3o_lightning.envs.options import describe_env_options, validate_env
+from fp3o_lightning.envs.options import comment_env_options, describe_env_options, validate_env
 from fp3o_lightning.errors import ConfigError
 from fp3o_lightning.module import DEFAULT_ENV, FP3OModule, check_hparams, legacy_hparams
 
@@ -212,7 +212,8 @@ class LineHelpFormatter(DefaultHelpFormatter):
 
 class FP3OArgumentParser(LightningArgumentParser):
     """Lightning's parser, which writes ``model.env`` complete (every option of the environment with its
-    value or default) wherever it writes a config (``--print_config``, the run's ``config.yaml``), and
+    value, and in YAML its type, default and doc as a comment) wherever it writes a config
+    (``--print_config``, the run's ``config.yaml``), and
     whose errors are the message alone, on one line, rather than the usage of every option first."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -237,7 +238,12 @@ class FP3OArgumentParser(LightningArgumentParser):
                 self.error(str(error))
             cfg = cfg.clone()
             cfg.model.env = env
+            text = super().dump(cfg, *args, **kwargs)
+            return comment_env_options(text, env) if self._dumps_yaml(*args, **kwargs) else text
         return super().dump(cfg, *args, **kwargs)
+
+    def _dumps_yaml(self, format: str = "parser_mode", *args: Any, **kwargs: Any) -> bool:
+        return (self.parser_mode if format == "parser_mode" else format) == "yaml"
 
 
 class FP3OCLI(LightningCLI):

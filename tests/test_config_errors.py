@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fp3o_lightning.cli import check_fit_args, main
-from fp3o_lightning.envs.options import MANAGED, env_options, validate_env
+from fp3o_lightning.envs.options import MANAGED, comment_env_options, env_options, validate_env
 from fp3o_lightning.errors import ConfigError
 from fp3o_lightning.module import CHOICES, FP3OModule
 from fp3o_lightning.nets import ACTOR_NETWORKS, SHARING
@@ -121,10 +121,16 @@ def test_help_lists_every_environments_options_and_the_choices(capsys) -> None:
     assert "observation_layout (one of 'gymnasium', 'official'; default: 'gymnasium')" in words
 
 
-def test_print_config_shows_the_environments_every_option(capsys) -> None:
+def test_print_config_shows_the_environments_every_option_with_its_doc(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / "mamujoco/hopper_3x1.yaml"), "--print_config"])
-    env = yaml.safe_load(capsys.readouterr().out)["model"]["env"]
+    printed = capsys.readouterr().out
+    env = yaml.safe_load(printed)["model"]["env"]
+    for name, option in env_options("mamujoco")[0].items():  # each option's type, default and doc
+        line = next(line for line in printed.splitlines() if line.startswith(f"    {name}: "))
+        assert line.endswith(f"  # {option.type_text}; default: {option.default!r}: {option.doc}") or (
+            option.required and "; required: " in line
+        )
     assert env == validate_env(
         {"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1", "agent_obsk": 5}
     )
@@ -187,3 +193,13 @@ def test_every_environment_option_is_documented() -> None:
         for backend in (None, *entry.backends):
             options, _ = env_options(name, backend)
             assert all(option.doc for option in options.values()), (name, backend, options)
+
+
+def test_env_comments_never_change_what_the_config_reads_as() -> None:
+    """A value YAML folds over several lines cannot take a comment: that config is written uncommented."""
+    env = validate_env({"name": "mamujoco", "scenario": "Hopper", "agent_conf": "3x1"})
+    folded = yaml.safe_dump({"model": {"env": {**env, "scenario": "Hopper " * 30}}}, width=60)
+    assert "\n      Hopper" in folded and comment_env_options(folded, env) == folded
+    plain = yaml.safe_dump({"model": {"env": env}, "trainer": {"env": 1}})
+    commented = comment_env_options(plain, env)
+    assert commented.count("  # ") == len(env) - 1 and yaml.safe_load(commented) == yaml.safe_load(plain)

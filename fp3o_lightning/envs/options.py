@@ -191,6 +191,33 @@ def validate_env(env: Mapping[str, Any]) -> dict[str, Any]:
     return complete
 
 
+def comment_env_options(text: str, env: Mapping[str, Any]) -> str:
+    """The YAML config ``text`` with each option of its complete ``model.env`` (``env``) commented with its
+    type, default and doc, as ``--help`` describes it; ``text`` unchanged where a comment would change what
+    it reads as (e.g. a value folded over several lines)."""
+    import yaml
+
+    backend = env.get("backend")
+    options, _ = env_options(env["name"], None if backend in (None, "cpu") else backend)
+    lines = text.split("\n")
+    section = None
+    for index, line in enumerate(lines):
+        if line and not line.startswith(" "):
+            section = line
+        elif section == "model:" and line.startswith("  ") and not line.startswith("   "):
+            section = "model:" if line != "  env:" else "env"
+        elif section == "env" and (match := re.match(r"^    (\w+):", line)) and match[1] in options:
+            option = options[match[1]]
+            lines[index] = f"{line}  # {_summary(option)}" + (f": {option.doc}" if option.doc else "")
+    commented = "\n".join(lines)
+    return commented if yaml.safe_load(commented) == yaml.safe_load(text) else text
+
+
+def _summary(option: EnvOption) -> str:
+    """``type; default: value`` (or ``type; required``)."""
+    return f"{option.type_text}; " + ("required" if option.required else f"default: {option.default!r}")
+
+
 def describe_env_options() -> str:
     """Every environment's options for ``fp3o fit --help``: name, type, default and doc (environments
     whose optional dependencies are missing say how to install them)."""
@@ -209,8 +236,7 @@ def describe_env_options() -> str:
             lines.append(heading)
             for option in options.values():
                 if option.name not in shown:
-                    default = "required" if option.required else f"default: {option.default!r}"
-                    lines.append(f"  {option.name} ({option.type_text}; {default}): {option.doc}")
+                    lines.append(f"  {option.name} ({_summary(option)}): {option.doc}")
             shown |= options
             if passes_kwargs:
                 lines.append("  any further key: passed to the environment as given (see its docs)")
