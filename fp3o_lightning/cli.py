@@ -225,7 +225,7 @@ class FP3OArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         command = self.prog.replace(" [options]", "")
         print(
-            f"{command}: error: {' '.join(message.split())} (`{command} --help` lists the options)",
+            f"{command}: error: {one_line(message)} (`{command} --help` lists the options)",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -569,7 +569,16 @@ def check_fit_args(args: list[str]) -> None:
     except _Checked:
         return
     except ArgumentError as error:
-        raise ConfigError(" ".join(str(error).split())) from None
+        raise ConfigError(one_line(str(error))) from None
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's error ``message`` on one line; a value outside an option's choices said plainly."""
+    message = " ".join(message.split())
+    choice = re.fullmatch(
+        r'Parser key "([\w.]+)": Expected a typing\.Literal\[(.*)\]\. Got value: (.*)', message
+    )
+    return f"--{choice[1]} {choice[3]}: not one of {choice[2]}" if choice else message
 
 
 def main(args: list[str] | None = None) -> None:
