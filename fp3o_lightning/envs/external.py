@@ -5,6 +5,7 @@ TorchRL multi-agent environment (``name: torchrl``), given by import path, throu
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,10 @@ class PettingZooEnv(MultiAgentAdapter):
                     "supported)"
                 )
             state = hasattr(env, "state_space")
-            return PettingZooWrapper(env, return_state=state, use_mask=True, categorical_actions=True)
+            with warnings.catch_warnings():  # at every copy: TorchRL was tested with PettingZoo 1.24;
+                # this package's own tests cover the PettingZoo its extra installs
+                warnings.filterwarnings("ignore", message="PettingZoo in TorchRL is tested using version")
+                return PettingZooWrapper(env, return_state=state, use_mask=True, categorical_actions=True)
 
         return make
 
