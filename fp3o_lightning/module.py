@@ -731,14 +731,15 @@ class FP3OModule(L.LightningModule):
         self.log_evaluation("test", self.evaluate())
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Tensor]:
-        """``eval_episodes`` deterministic episodes on a separate environment with its own seed.
+    def evaluate(self, deterministic: bool = True) -> dict[str, Tensor]:
+        """``eval_episodes`` deterministic episodes (``deterministic=False``: actions sampled from the
+        policy, as in training) on a separate environment with its own seed.
 
         The evaluation environment is reseeded every time (:meth:`eval_seed`: the same starts at the same
         iteration, new ones at each iteration unless ``eval_starts="fixed"``), and rebuilt when the
         module has moved to another device since (for those that simulate there).
-        Returns each episode's return and, where the environment reports wins (a ``"won"`` key),
-        whether it was won.
+        Returns each episode's return and length and, where the environment reports wins (a ``"won"``
+        key), whether it was won.
         """
         hp = self.hparams
         cached = self._runtime.get("eval_env")
@@ -749,8 +750,9 @@ class FP3OModule(L.LightningModule):
             self._runtime["eval_env"] = self.build_env(num_envs)
         env, actor = self._runtime["eval_env"], self.make_actor()
         env.set_seed(self.eval_seed())
-        returns, wins = [], []
-        with set_exploration_type(ExplorationType.DETERMINISTIC):
+        returns, lengths, wins = [], [], []
+        exploration = ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM
+        with set_exploration_type(exploration):
             while sum(r.numel() for r in returns) < hp.eval_episodes:
                 rollout = env.rollout(
                     env.max_episode_steps, actor, break_when_any_done=False, auto_cast_to_device=True
@@ -758,10 +760,14 @@ class FP3OModule(L.LightningModule):
                 done = rollout["next", "done"].squeeze(-1)
                 in_first_episode = (done.cumsum(-1) - done.long()) == 0
                 returns.append((rollout["next", "reward"].squeeze(-1) * in_first_episode).sum(-1))
+                lengths.append(in_first_episode.sum(-1))
                 if ("next", "won") in rollout.keys(True):
                     first_done = done & in_first_episode
                     wins.append((rollout["next", "won"].squeeze(-1) & first_done).any(-1))
-        result = {"returns": torch.cat(returns)[: hp.eval_episodes]}
+        result = {
+            "returns": torch.cat(returns)[: hp.eval_episodes],
+            "lengths": torch.cat(lengths)[: hp.eval_episodes],
+        }
         if wins:
             result["wins"] = torch.cat(wins)[: hp.eval_episodes]
         return result
@@ -776,9 +782,11 @@ class FP3OModule(L.LightningModule):
         return int(np.random.SeedSequence((seed, self.iteration)).generate_state(1)[0] >> 1)
 
     def log_evaluation(self, stage: str, result: dict[str, Tensor]) -> None:
-        """Log ``<stage>/return_mean``, ``return_std``, ``episodes`` and ``win_rate`` at the frame count."""
+        """Log ``<stage>/return_mean``, ``return_std``, ``length_mean``, ``episodes`` and ``win_rate`` at the
+        frame count."""
         returns = result["returns"].float()
         metrics = {"return_mean": returns.mean(), "return_std": returns.std(unbiased=False)}
+        metrics["length_mean"] = result["lengths"].float().mean()
         metrics["episodes"] = torch.tensor(float(returns.numel()))
         if "wins" in result:
             metrics["win_rate"] = result["wins"].float().mean()

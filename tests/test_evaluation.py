@@ -95,18 +95,21 @@ def tally(monkeypatch) -> FP3OModule:
     )
 
 
-def first_episodes_step_by_step(module: FP3OModule, rounds: int) -> tuple[list[float], list[bool], int]:
+def first_episodes_step_by_step(
+    module: FP3OModule, rounds: int
+) -> tuple[list[float], list[int], list[bool], int]:
     """Each environment's first episode in each round, followed step by step: the rewards summed up to
-    and including its first ``done``, and ``won`` on that step; and how many environments lost their
-    first episode and won a later one."""
+    and including its first ``done``, its steps, and ``won`` on that step; and how many environments
+    lost their first episode and won a later one."""
     env = module.build_env(module.hparams.eval_num_envs)
     env.set_seed(module.eval_seed())
     actor = module.make_actor()
-    returns, wins, won_later = [], [], 0
+    returns, lengths, wins, won_later = [], [], [], 0
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
         for _ in range(rounds):
             tensordict = env.reset()
             total, won, finished = [0.0] * env.num_envs, [False] * env.num_envs, [False] * env.num_envs
+            steps = [0] * env.num_envs
             later = [False] * env.num_envs
             for _ in range(env.max_episode_steps):
                 tensordict, following = env.step_and_maybe_reset(actor(tensordict))
@@ -115,28 +118,42 @@ def first_episodes_step_by_step(module: FP3OModule, rounds: int) -> tuple[list[f
                         later[i] |= tensordict["next", "won"][i].item()
                         continue
                     total[i] += tensordict["next", "reward"][i].item()
+                    steps[i] += 1
                     if tensordict["next", "done"][i].item():
                         finished[i], won[i] = True, tensordict["next", "won"][i].item()
                 tensordict = following
             assert all(finished)
             returns += total
+            lengths += steps
             wins += won
             won_later += sum(lt and not w for lt, w in zip(later, won, strict=True))
     env.close()
-    return returns, wins, won_later
+    return returns, lengths, wins, won_later
 
 
 def test_evaluation_scores_each_environments_first_episode(tally) -> None:
     """``evaluate()`` returns, for ``eval_episodes`` environments in rounds of ``eval_num_envs``, the return
-    of each one's first episode (its last reward included, later episodes left out) and whether that
-    episode was won, with the policy's deterministic actions."""
-    returns, wins, won_later = first_episodes_step_by_step(tally, rounds=3)
+    and length of each one's first episode (its last reward included, later episodes left out) and
+    whether that episode was won, with the policy's deterministic actions."""
+    returns, lengths, wins, won_later = first_episodes_step_by_step(tally, rounds=3)
     result = tally.evaluate()
     torch.testing.assert_close(result["returns"], torch.tensor(returns[:10]), rtol=1e-5, atol=1e-5)
+    assert result["lengths"].tolist() == lengths[:10] and len(set(lengths)) > 1
     assert result["wins"].tolist() == wins[:10]
     assert 0 < sum(wins[:10]) < 10 and won_later > 0  # won and lost first episodes, lost then won
     again = tally.evaluate()
     assert torch.equal(again["returns"], result["returns"])  # the evaluation env is reseeded each time
+
+
+def test_evaluation_with_sampled_actions(tally) -> None:
+    """``evaluate(deterministic=False)`` samples the policy's actions (as training does): from the same
+    starts, the episodes are as long (this task's lengths do not depend on the actions) and the returns
+    differ from the deterministic ones and between two draws."""
+    deterministic = tally.evaluate()
+    sampled, again = tally.evaluate(deterministic=False), tally.evaluate(deterministic=False)
+    assert torch.equal(sampled["lengths"], deterministic["lengths"])
+    assert not torch.allclose(sampled["returns"], deterministic["returns"])
+    assert not torch.allclose(sampled["returns"], again["returns"])
 
 
 @pytest.mark.parametrize("starts", ["fresh", "fixed"])
