@@ -277,12 +277,26 @@ print("running", flush=True)
 time.sleep(120)
 """
 
+#: Waits until the log named ``log`` says "running" (at most 60 s), then fails with exit status 3.
+FAIL_WHEN_RUNNING = """
+import pathlib, time
+log = pathlib.Path({log!r})
+for _ in range(600):
+    if log.exists() and "running" in log.read_text():
+        break
+    time.sleep(0.1)
+print("boom")
+raise SystemExit(3)
+"""
+
 
 def test_ray_fail_fast_stops_the_running_job_cleanly(tmp_path):
     """A failure reports its log's end; with fail_fast the concurrent job gets one SIGTERM, finishes its
     checkpoint and is reported interrupted; the queued job never starts."""
-    fail = python_job("fail", "import time; time.sleep(3); print('boom'); raise SystemExit(3)", tmp_path)
     graceful = python_job("graceful", GRACEFUL, tmp_path)
+    # The failure waits for the other job's SIGTERM handler (its "running"), not for a fixed time: a loaded
+    # machine may start it late.
+    fail = python_job("fail", FAIL_WHEN_RUNNING.format(log=graceful.log), tmp_path)
     queued = python_job("queued", "open('queued-ran', 'w')", tmp_path)
     started, ended = [], []
     outcomes, interrupted = run_jobs(
