@@ -731,13 +731,14 @@ class FP3OModule(L.LightningModule):
         self.log_evaluation("test", self.evaluate())
 
     @torch.no_grad()
-    def evaluate(self, deterministic: bool = True) -> dict[str, Tensor]:
+    def evaluate(self, deterministic: bool = True, seed: int | None = None) -> dict[str, Tensor]:
         """``eval_episodes`` deterministic episodes (``deterministic=False``: actions sampled from the
         policy, as in training) on a separate environment with its own seed.
 
-        The evaluation environment is reseeded every time (:meth:`eval_seed`: the same starts at the same
-        iteration, new ones at each iteration unless ``eval_starts="fixed"``), and rebuilt when the
-        module has moved to another device since (for those that simulate there).
+        The evaluation environment is reseeded every time, with ``seed`` where given (e.g. the same starts
+        for several checkpoints), else with :meth:`eval_seed` (the same starts at the same iteration, new
+        ones at each iteration unless ``eval_starts="fixed"``). It is rebuilt when the module has moved to
+        another device since (for those that simulate there).
         Returns each episode's return and length and, where the environment reports wins (a ``"won"``
         key), whether it was won.
         """
@@ -749,7 +750,7 @@ class FP3OModule(L.LightningModule):
             num_envs = min(hp.eval_num_envs, hp.eval_episodes)
             self._runtime["eval_env"] = self.build_env(num_envs)
         env, actor = self._runtime["eval_env"], self.make_actor()
-        env.set_seed(self.eval_seed())
+        env.set_seed(self.eval_seed() if seed is None else seed)
         returns, lengths, wins = [], [], []
         exploration = ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM
         with set_exploration_type(exploration):

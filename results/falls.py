@@ -28,10 +28,9 @@ def main() -> None:
     for path in args.checkpoints:
         module = FP3OModule.load_from_checkpoint(path, map_location="cpu", eval_episodes=args.episodes)
         frames = torch.load(path, map_location="cpu", weights_only=False)["fp3o"]["frames"]
-        module.eval_seed = lambda: args.seed  # the same starts for every checkpoint
         for deterministic in (True, False):
             torch.manual_seed(args.seed)
-            result = module.evaluate(deterministic=deterministic)
+            result = module.evaluate(deterministic, seed=args.seed)  # the same starts for all
             returns, lengths = result["returns"].float(), result["lengths"]
             limit = module._runtime["eval_env"].max_episode_steps
             print(

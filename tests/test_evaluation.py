@@ -172,3 +172,15 @@ def test_evaluation_starts_fresh_at_each_iteration_unless_fixed(tally, starts: s
     else:
         assert len(set(seeds[:3])) == 3 and seeds[3] == seeds[1]  # new per iteration, the same when repeated
         assert all(EVAL_SEED_OFFSET < seed < 2**31 - tally.hparams.eval_num_envs for seed in seeds)
+
+
+def test_evaluation_from_given_starts(tally) -> None:
+    """``evaluate(seed=...)`` plays from the starts that seed gives, whatever the iteration: the same
+    episodes for the same seed, other ones for another."""
+    tally.iteration = 1
+    given = tally.evaluate(seed=7)
+    assert tally._runtime["eval_env"].seed_ == 7
+    tally.iteration = 2
+    assert torch.equal(tally.evaluate(seed=7)["returns"], given["returns"])
+    assert not torch.equal(tally.evaluate(seed=8)["returns"], given["returns"])
+    assert not torch.equal(tally.evaluate()["returns"], given["returns"])
