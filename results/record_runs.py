@@ -16,6 +16,9 @@ mean of its 32 episodes), ``last10_eval_mean`` the mean of the last 10 evaluatio
 ``superseded_by`` is empty (a later commit whose default change makes the run no longer count is
 written there by hand, and the run's directory moved to ``results/runs_superseded/``). A run already in
 the file (same task, sharing, algorithm, seed and commit) is not written twice.
+
+An experiment, a run that changes a paper setting (``--experiment epochs10`` for one with
+``--model.ppo_epochs 10``), goes to ``results/experiments/<run>_<label>/`` instead, with no row in the table.
 """
 
 from __future__ import annotations
@@ -83,14 +86,19 @@ def training_hours(timestamps: list[int]) -> float:
     return sum(gap for gap in gaps if gap < STOP_GAP_MS) / 3.6e6
 
 
-def record(client: MlflowClient, run, commit: str) -> tuple[dict[str, str] | None, str]:
-    """Write the run's ``metrics.csv`` and ``run.json``; its CSV row if it finished, and a summary line."""
+def record(
+    client: MlflowClient, run, commit: str, experiment: str | None = None
+) -> tuple[dict[str, str] | None, str]:
+    """Write the run's ``metrics.csv`` and ``run.json``; its CSV row if it finished (and is not an
+    ``experiment``), and a summary line."""
     params = run.data.params
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")} | {"task": run_task(run)}
     history = {key: client.get_metric_history(run.info.run_id, key) for key in RECORDED_METRICS}
     frames = int(max((m.value for m in history["train/frames"]), default=0))
     finished = frames >= int(params.get("total_frames", 0)) and history["eval/return_mean"]
     directory = RESULTS / "runs" / run_directory(tags)
+    if experiment is not None:
+        directory = RESULTS / "experiments" / f"{run_directory(tags)}_{experiment}"
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / "metrics.csv").open("w", newline="") as file:
         writer = csv.writer(file)
@@ -106,7 +114,7 @@ def record(client: MlflowClient, run, commit: str) -> tuple[dict[str, str] | Non
         "frames": frames,
         "training_hours": round(hours, 3),
         "commit": commit,
-    }
+    } | ({"experiment": experiment} if experiment is not None else {})
     (directory / "run.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     line = f"{directory.name}: {frames} frames, {hours:.2f} h of training"
     if tags["task"] != run.data.tags.get("task"):
@@ -115,16 +123,22 @@ def record(client: MlflowClient, run, commit: str) -> tuple[dict[str, str] | Non
         return None, f"{line} (not finished)"
     _, evaluations = latest_per_step(history["eval/return_mean"])
     final, last10 = evaluations[-1], last_n_mean(evaluations, LAST_EVALUATIONS)
+    line += f", final evaluation {final:.1f}, mean of the last {LAST_EVALUATIONS} {last10:.1f}"
+    if experiment is not None:
+        return None, f"{line} (an experiment: not in the table)"
     row = {"task": tags["task"], "sharing": tags["sharing"], "algorithm": tags["algorithm"]}
     row |= {"seed": tags["seed"], "frames": str(frames), "final_eval_return": f"{final:.1f}"}
     row |= {"commit": commit, "last10_eval_mean": f"{last10:.1f}", "superseded_by": ""}
-    return row, f"{line}, final evaluation {final:.1f}, mean of the last {LAST_EVALUATIONS} {last10:.1f}"
+    return row, line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stores", nargs="+", type=Path, help="mlflow.db files of the runs")
     parser.add_argument("--commit", required=True, help="the commit the runs' code was taken from")
+    parser.add_argument(
+        "--experiment", metavar="LABEL", help="record into results/experiments/<run>_LABEL/, not the table"
+    )
     args = parser.parse_args()
     existing = list(csv.DictReader(CSV.open())) if CSV.exists() else []
     key = ("task", "sharing", "algorithm", "seed", "commit")
@@ -134,7 +148,7 @@ def main() -> None:
         client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
         for experiment in client.search_experiments():
             for run in client.search_runs([experiment.experiment_id]):
-                row, line = record(client, run, args.commit)
+                row, line = record(client, run, args.commit, args.experiment)
                 print(line)
                 if row is not None and tuple(row[k] for k in key) not in known:
                     new.append(row)

@@ -102,6 +102,20 @@ def test_the_task_comes_from_the_env_params_not_the_tag(tmp_path, scripts):
     assert not (tmp_path / "runs" / "hopper3x1_nops_fp3o_s2").exists()
 
 
+def test_an_experiment_is_recorded_apart_from_the_table(tmp_path, scripts):
+    """``--experiment LABEL``: the run goes to ``experiments/<run>_LABEL/`` and gets no table row, so it
+    cannot take the place of the table run with the same task, algorithm and seed."""
+    record_runs, _ = scripts
+    client, run = the_run(make_store(tmp_path / "mlflow.db", TOTAL_FRAMES))
+    row, line = record_runs.record(client, run, commit="3b131c7", experiment="epochs10")
+    directory = tmp_path / "experiments" / "hopper3x1_nops_fp3o_s2_epochs10"
+    summary = json.loads((directory / "run.json").read_text())
+    assert row is None and summary["experiment"] == "epochs10" and summary["status"] == "FINISHED"
+    assert "final evaluation 1200.0" in line and "not in the table" in line
+    assert (directory / "metrics.csv").read_text().count("eval/return_mean") == TOTAL_FRAMES // 1000
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_run_without_env_params_names_the_fix(tmp_path, scripts):
     record_runs, _ = scripts
     client, run = the_run(make_store(tmp_path / "mlflow.db", TOTAL_FRAMES, env_params=False))
@@ -152,3 +166,22 @@ def test_training_time_leaves_out_the_stops_between_sessions():
     minute = 60_000
     stamps = [0, minute, 2 * minute, 2 * minute + 3 * 3_600_000, 3 * minute + 3 * 3_600_000]
     assert record_runs.training_hours(stamps) == pytest.approx(3 * minute / 3.6e6)
+
+
+def test_stability_counts_the_late_evaluations_whose_episodes_agree(tmp_path):
+    """``results/stability.py``: over the evaluations after ``after`` frames (a frame logged twice by a
+    resumed run counts once, with its later value), the share with a return std under ``agree``, the
+    std and mean of their returns, and the mean training return over the last ``last`` frames."""
+    rows = [("key", "frames", "value", "timestamp")]
+    for frames, mean, std in [(1, 0, 900), (2, 100, 10), (3, 300, 500), (4, 200, 20)]:
+        rows += [("eval/return_mean", frames, mean, frames), ("eval/return_std", frames, std, frames)]
+        rows += [("train/episode_return", frames, 10 * frames, frames)]
+    rows += [("eval/return_mean", 3, 600, 99), ("eval/return_std", 3, 5, 99)]  # frame 3 again, resumed
+    directory = tmp_path / "run"
+    directory.mkdir()
+    with (directory / "metrics.csv").open("w", newline="") as file:
+        csv.writer(file).writerows(rows)
+    result = load("stability").stability(directory, after=1, agree=50, last=2)
+    assert result["evaluations"] == 3 and result["agreeing"] == 1.0
+    assert result["mean"] == 300 and result["std_between"] == pytest.approx(np.std([100, 600, 200], ddof=1))
+    assert result["training_return"] == 35  # frames 3 and 4

@@ -1,0 +1,58 @@
+"""How steady a recorded run's evaluations are late in training, from its ``metrics.csv``.
+
+    python results/stability.py results/runs/hopper3x1official-obs_nops_*  [--after 6000000]
+
+One markdown row per run directory (``results/runs/<run>/`` or ``results/experiments/<run>/``), over the
+evaluations after ``--after`` frames: the share of evaluations whose episodes all agree (``eval/return_std``
+under ``--agree``; on Hopper, an evaluation in which no episode fell), the std of the evaluation returns
+between evaluations (sample std), their mean, and the mean training episode return over the last ``--last`` frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+
+def latest_per_frame(metrics: pd.DataFrame, key: str) -> pd.Series:
+    """The values of ``key`` by frame, the latest logged one where a resumed run logged a frame twice."""
+    rows = metrics[metrics["key"] == key].sort_values(["frames", "timestamp"])
+    return rows.groupby("frames")["value"].last()
+
+
+def stability(directory: Path, after: int, agree: float, last: int) -> dict[str, float]:
+    """The run's late-training statistics (see the module's doc)."""
+    metrics = pd.read_csv(directory / "metrics.csv")
+    returns, stds = (latest_per_frame(metrics, f"eval/return_{s}") for s in ("mean", "std"))
+    late = returns.index > after
+    training = latest_per_frame(metrics, "train/episode_return")
+    return {
+        "evaluations": int(late.sum()),
+        "agreeing": float((stds[late] < agree).mean()),
+        "std_between": float(returns[late].std()),
+        "mean": float(returns[late].mean()),
+        "training_return": float(training[training.index > training.index.max() - last].mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="recorded run directories")
+    parser.add_argument("--after", type=int, default=6_000_000, help="frames before these are left out")
+    parser.add_argument("--agree", type=float, default=50.0, help="eval/return_std under this: all agree")
+    parser.add_argument("--last", type=int, default=2_000_000, help="frames of the training-return mean")
+    args = parser.parse_args()
+    print("| run | evaluations | all episodes agree | std between evaluations | mean | training return |")
+    print("|---|---|---|---|---|---|")
+    for directory in args.runs:
+        s = stability(directory, args.after, args.agree, args.last)
+        print(
+            f"| {directory.name} | {s['evaluations']} | {s['agreeing']:.0%} | {s['std_between']:.0f} | "
+            f"{s['mean']:.0f} | {s['training_return']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
