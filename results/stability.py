@@ -3,9 +3,11 @@
     python results/stability.py results/runs/hopper3x1official-obs_nops_*  [--after 6000000]
 
 One markdown row per run directory (``results/runs/<run>/`` or ``results/experiments/<run>/``), over the
-evaluations after ``--after`` frames: the share of evaluations whose episodes all agree (``eval/return_std``
-under ``--agree``; on Hopper, an evaluation in which no episode fell), the std of the evaluation returns
-between evaluations (sample std), their mean, and the mean training episode return over the last ``--last`` frames.
+evaluations after ``--after`` frames: the share of evaluations whose episodes all agree
+(``eval/return_std`` under ``--agree``; on Hopper, an evaluation in which no episode fell), the std of the
+evaluation returns between evaluations (sample std), their mean, and the mean training episode return
+over the last ``--last`` frames.
+``--plot FILE`` draws the runs' evaluation curves into one figure, the span after ``--after`` shaded.
 """
 
 from __future__ import annotations
@@ -37,12 +39,32 @@ def stability(directory: Path, after: int, agree: float, last: int) -> dict[str,
     }
 
 
+def plot(directories: list[Path], after: int, path: Path) -> None:
+    """Each run's ``eval/return_mean`` against frames, labelled with its directory's name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    for directory in directories:
+        returns = latest_per_frame(pd.read_csv(directory / "metrics.csv"), "eval/return_mean")
+        axes.plot(returns.index, returns.values, linewidth=1, label=directory.name)
+    axes.axvspan(after, axes.get_xlim()[1], color="0.92", zorder=0)
+    axes.set(xlabel="environment frames", ylabel="evaluation return (mean of the episodes)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="recorded run directories")
     parser.add_argument("--after", type=int, default=6_000_000, help="frames before these are left out")
     parser.add_argument("--agree", type=float, default=50.0, help="eval/return_std under this: all agree")
     parser.add_argument("--last", type=int, default=2_000_000, help="frames of the training-return mean")
+    parser.add_argument("--plot", type=Path, metavar="FILE", help="also draw the runs' evaluation curves")
     args = parser.parse_args()
     print("| run | evaluations | all episodes agree | std between evaluations | mean | training return |")
     print("|---|---|---|---|---|---|")
@@ -52,6 +74,8 @@ def main() -> None:
             f"| {directory.name} | {s['evaluations']} | {s['agreeing']:.0%} | {s['std_between']:.0f} | "
             f"{s['mean']:.0f} | {s['training_return']:.0f} |"
         )
+    if args.plot is not None:
+        plot(args.runs, args.after, args.plot)
 
 
 if __name__ == "__main__":

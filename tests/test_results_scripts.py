@@ -181,7 +181,10 @@ def test_stability_counts_the_late_evaluations_whose_episodes_agree(tmp_path):
     directory.mkdir()
     with (directory / "metrics.csv").open("w", newline="") as file:
         csv.writer(file).writerows(rows)
-    result = load("stability").stability(directory, after=1, agree=50, last=2)
+    stability = load("stability")
+    result = stability.stability(directory, after=1, agree=50, last=2)
     assert result["evaluations"] == 3 and result["agreeing"] == 1.0
     assert result["mean"] == 300 and result["std_between"] == pytest.approx(np.std([100, 600, 200], ddof=1))
     assert result["training_return"] == 35  # frames 3 and 4
+    stability.plot([directory], after=1, path=tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
