@@ -319,3 +319,14 @@ def test_one_step_on_cuda_equals_the_cpu_backend(scenario: str, agent_conf: str)
     expected, got = cpu.step(action.clone())["next"], warp.step(action.to("cuda"))["next"].cpu()
     torch.testing.assert_close(got["state"], expected["state"], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got["reward"], expected["reward"], rtol=1e-4, atol=1e-3)
+
+
+def test_the_warp_worlds_simulate_the_model_given() -> None:
+    """``xml_file`` reaches the Warp model: gym v2's Walker2d, right foot friction 0.9 (v5: 1.9)."""
+    import mujoco
+
+    for xml_file, right in ((None, 1.9), ("walker2d.xml", 0.9)):
+        env = warp_env("Walker2d", "2x3", 2, xml_file=xml_file)
+        foot = mujoco.mj_name2id(env._task._sims[0].model, mujoco.mjtObj.mjOBJ_GEOM, "foot_geom")
+        friction = env._model.geom_friction.numpy().reshape(-1, env._task._sims[0].model.ngeom, 3)
+        assert friction[0, foot, 0] == pytest.approx(right) and env.xml_file == xml_file

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,13 +125,17 @@ def make_env(name: str, backend: str | None = None, **kwargs: Any) -> EnvBase:
 def task_name(env: dict[str, Any]) -> str:
     """A short task label for tables and run tags, e.g. ``HalfCheetah 6x1`` or ``3s5z``; a MaMuJoCo task
     observed through the paper code's layout where it differs from gymnasium-robotics' is another task
-    (``Hopper 3x1 official-obs``)."""
+    (``Hopper 3x1 official-obs``), and so is one simulating another model (``Walker2d 2x3 walker2d.xml``)."""
     if env.get("name") == "mamujoco":
         from fp3o_lightning.envs.observation_layouts import OFFICIAL_LAYOUT_DIFFERS
 
         task = " ".join(str(env[k]) for k in ("scenario", "agent_conf") if env.get(k) is not None)
         differs = OFFICIAL_LAYOUT_DIFFERS.get((env.get("scenario"), env.get("agent_conf")), False)
-        return f"{task} official-obs" if env.get("observation_layout") == "official" and differs else task
+        if env.get("observation_layout") == "official" and differs:
+            task += " official-obs"
+        if env.get("xml_file") not in (None, "None"):  # "None" as MLflow logs it
+            task += f" {os.path.basename(str(env['xml_file']))}"
+        return task
     path = env.get("task") or env.get("factory")  # pettingzoo's and torchrl's import paths
     if path:
         return str(path).replace(":", ".").split(".")[-2 if str(path).endswith("parallel_env") else -1]

@@ -207,6 +207,28 @@ def _import_mamujoco() -> Any:
     return mamujoco_v1
 
 
+def _check_xml_file(scenario: str, xml_file: str | None) -> None:
+    """Raise a ``ValueError`` that names the fix unless ``xml_file`` is ``None`` or a model file Gymnasium
+    finds, for a scenario whose model is not generated."""
+    if xml_file is None:
+        return
+    if scenario in MANY_SEGMENT_SCENARIOS:
+        raise ValueError(
+            f"xml_file is not an option of {scenario}: its model is generated from agent_conf; leave it "
+            "unset."
+        )
+    from gymnasium.envs.mujoco import mujoco_env
+
+    try:
+        mujoco_env.expand_model_path(xml_file)
+    except OSError:
+        assets = sorted(os.listdir(os.path.join(os.path.dirname(mujoco_env.__file__), "assets")))
+        raise ValueError(
+            f"xml_file {xml_file!r} is neither a file (a path starts with '/', '.' or '~') nor one of "
+            f"Gymnasium's MuJoCo assets: {', '.join(assets)}."
+        ) from None
+
+
 def _make_parallel_envs(
     scenario: str,
     agent_conf: str | None,
@@ -570,10 +592,15 @@ class MaMuJoCoEnv(EnvBase):
             velocity), Walker2d 2x3 (no torso) and Ant 2x4 (no contact forces, the torso's x and y) and
             equal gymnasium-robotics' on the paper's other tasks (see
             :mod:`~fp3o_lightning.envs.observation_layouts`).
+        xml_file: the MuJoCo model simulated, as Gymnasium's ``xml_file`` reads it: a path (starting with
+            ``/``, ``.`` or ``~``) or a file of Gymnasium's MuJoCo assets; ``None`` (default): the task's v5
+            model. ``walker2d.xml`` is the Walker2d model of gym's v2 to v4, which the paper's code
+            simulated: its right foot has friction 0.9, where v5 gives both feet 1.9. Not for the
+            many-segment scenarios, whose model is generated from ``agent_conf``.
 
     Attributes:
         scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode, max_faults,
-            clip_actions, observation_layout: the constructor arguments.
+            clip_actions, observation_layout, xml_file: the constructor arguments.
         faults: sub-env rebuilds so far (kept in the saved state).
         n_agents: number of agents; agent_names: gymnasium-robotics agent names (``"agent_0"``, ...).
         observation_sizes / action_sizes: per-agent unpadded observation / action sizes.
@@ -599,6 +626,7 @@ class MaMuJoCoEnv(EnvBase):
         max_faults: int = 10,
         clip_actions: bool = False,
         observation_layout: Literal["gymnasium", "official"] = "gymnasium",
+        xml_file: str | None = None,
     ) -> None:
         if not isinstance(agent_obsk, int) or isinstance(agent_obsk, bool) or agent_obsk < 0:
             raise ValueError(f"agent_obsk must be an integer >= 0, got {agent_obsk!r}.")
@@ -618,6 +646,7 @@ class MaMuJoCoEnv(EnvBase):
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {size!r}.")
         _check_scenario(scenario, agent_conf)
+        _check_xml_file(scenario, xml_file)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
 
         self.scenario = scenario
@@ -629,12 +658,13 @@ class MaMuJoCoEnv(EnvBase):
         self.max_faults = max_faults
         self.clip_actions = bool(clip_actions)
         self.observation_layout = observation_layout
+        self.xml_file = xml_file
         self._faults = 0
 
-        gym_kwargs: dict[str, Any] = {}
+        gym_kwargs: dict[str, Any] = {} if xml_file is None else {"xml_file": xml_file}
         if render_mode is not None:
             configure_headless_gl()
-            gym_kwargs = {"render_mode": render_mode, "width": width, "height": height}
+            gym_kwargs |= {"render_mode": render_mode, "width": width, "height": height}
             gym_kwargs["camera_name"] = camera_name
         self._rendered = False
         self._gym_kwargs = gym_kwargs

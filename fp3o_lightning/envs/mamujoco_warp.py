@@ -80,8 +80,8 @@ def _contact_capacity(sim: Any, steps: int = 400) -> tuple[int, int]:
 class MaMuJoCoWarpEnv(EnvBase):
     """``num_envs`` worlds of a MaMuJoCo task simulated by MuJoCo Warp on ``device``.
 
-    ``scenario``, ``agent_conf``, ``agent_obsk``, ``max_episode_steps``, ``clip_actions`` and
-    ``observation_layout`` are :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s options.
+    ``scenario``, ``agent_conf``, ``agent_obsk``, ``max_episode_steps``, ``clip_actions``,
+    ``observation_layout`` and ``xml_file`` are :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s options.
 
     Args:
         num_envs: worlds simulated in parallel (the batch size): thousands on a GPU.
@@ -113,6 +113,7 @@ class MaMuJoCoWarpEnv(EnvBase):
         device: torch.device | str = "cpu",
         clip_actions: bool = False,
         observation_layout: Literal["gymnasium", "official"] = "gymnasium",
+        xml_file: str | None = None,
         nconmax: int | None = None,
         njmax: int | None = None,
         graph: bool = True,
@@ -129,6 +130,7 @@ class MaMuJoCoWarpEnv(EnvBase):
             max_episode_steps=max_episode_steps,
             clip_actions=clip_actions,
             observation_layout=observation_layout,
+            xml_file=xml_file,
             render_mode=render_mode,
             width=width,
             height=height,
@@ -146,11 +148,8 @@ class MaMuJoCoWarpEnv(EnvBase):
         object.__setattr__(self, "_task", task)  # not a sub-module: its state is not this env's
         self.scenario, self.agent_conf, self.agent_obsk = scenario, agent_conf, agent_obsk
         self.num_envs, self.max_episode_steps = num_envs, max_episode_steps
-        self.clip_actions, self.observation_layout, self.render_mode = (
-            clip_actions,
-            observation_layout,
-            render_mode,
-        )
+        self.clip_actions, self.observation_layout, self.xml_file = clip_actions, observation_layout, xml_file
+        self.render_mode = render_mode
         for name in ("n_agents", "agent_names", "observation_sizes", "action_sizes", "max_obs_dim"):
             setattr(self, name, getattr(task, name))
         self.max_action_dim, self.state_size = task.max_action_dim, task.state_size
