@@ -330,3 +330,10 @@ def test_the_warp_worlds_simulate_the_model_given() -> None:
         foot = mujoco.mj_name2id(env._task._sims[0].model, mujoco.mjtObj.mjOBJ_GEOM, "foot_geom")
         friction = env._model.geom_friction.numpy().reshape(-1, env._task._sims[0].model.ngeom, 3)
         assert friction[0, foot, 0] == pytest.approx(right) and env.xml_file == xml_file
+
+
+def test_the_warp_rewards_take_the_gym_kwargs() -> None:
+    """``gym_kwargs`` reach the Warp backend's reward terms: Ant without contact cost."""
+    env = warp_env("Ant", "2x4", 2, gym_kwargs={"contact_cost_weight": 0})
+    assert env.gym_kwargs == {"contact_cost_weight": 0} and env._dynamics.contact_cost_weight == 0
+    assert warp_env("Ant", "2x4", 2)._dynamics.contact_cost_weight == pytest.approx(5e-4)

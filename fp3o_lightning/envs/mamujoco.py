@@ -58,6 +58,7 @@ import contextlib
 import ctypes.util
 import dataclasses
 import functools
+import inspect
 import os
 import platform
 import re
@@ -207,26 +208,62 @@ def _import_mamujoco() -> Any:
     return mamujoco_v1
 
 
-def _check_xml_file(scenario: str, xml_file: str | None) -> None:
-    """Raise a ``ValueError`` that names the fix unless ``xml_file`` is ``None`` or a model file Gymnasium
-    finds, for a scenario whose model is not generated."""
-    if xml_file is None:
-        return
-    if scenario in MANY_SEGMENT_SCENARIOS:
-        raise ValueError(
-            f"xml_file is not an option of {scenario}: its model is generated from agent_conf; leave it "
-            "unset."
-        )
-    from gymnasium.envs.mujoco import mujoco_env
+#: Gymnasium task arguments that other options set: the model file, and the render options.
+_RESERVED_GYM_KWARGS = {"xml_file": "model.env.xml_file"} | dict.fromkeys(
+    ("render_mode", "width", "height", "camera_name", "camera_id"), "`fp3o render`"
+)
 
-    try:
-        mujoco_env.expand_model_path(xml_file)
-    except OSError:
-        assets = sorted(os.listdir(os.path.join(os.path.dirname(mujoco_env.__file__), "assets")))
+
+def _gym_task_class(scenario: str) -> type | None:
+    """The Gymnasium MuJoCo task class that gymnasium-robotics factorises for ``scenario`` (``None`` for
+    those it builds another way, e.g. CoupledHalfCheetah)."""
+    import gymnasium
+    from gymnasium.envs.registration import load_env_creator
+
+    task_id = MANY_SEGMENT_SCENARIOS.get(scenario, f"{scenario}-v5")
+    if task_id not in gymnasium.registry:
+        return None
+    return load_env_creator(gymnasium.spec(task_id).entry_point)
+
+
+def _check_task_options(scenario: str, xml_file: str | None, gym_kwargs: dict[str, Any] | None) -> None:
+    """Raise a ``ValueError`` that names the fix unless ``xml_file`` is ``None`` or a model file Gymnasium
+    finds, and ``gym_kwargs`` are arguments of the scenario's Gymnasium task that no other option sets."""
+    task = _gym_task_class(scenario) if xml_file is not None or gym_kwargs else None
+    if xml_file is not None:
+        if scenario in MANY_SEGMENT_SCENARIOS or task is None:
+            raise ValueError(
+                f"xml_file is not an option of {scenario}, which builds its own model; leave it unset."
+            )
+        from gymnasium.envs.mujoco import mujoco_env
+
+        try:
+            mujoco_env.expand_model_path(xml_file)
+        except OSError:
+            assets = sorted(os.listdir(os.path.join(os.path.dirname(mujoco_env.__file__), "assets")))
+            raise ValueError(
+                f"xml_file {xml_file!r} is neither a file (a path starts with '/', '.' or '~') nor one of "
+                f"Gymnasium's MuJoCo assets: {', '.join(assets)}."
+            ) from None
+    if not gym_kwargs:
+        return
+    if not isinstance(gym_kwargs, dict):
+        raise ValueError(f"gym_kwargs must be a mapping of argument names to values, got {gym_kwargs!r}.")
+    if task is None:
         raise ValueError(
-            f"xml_file {xml_file!r} is neither a file (a path starts with '/', '.' or '~') nor one of "
-            f"Gymnasium's MuJoCo assets: {', '.join(assets)}."
-        ) from None
+            f"gym_kwargs is not an option of {scenario}, which is not a Gymnasium task; leave it unset."
+        )
+    accepted = [
+        name for name in inspect.signature(task.__init__).parameters if name not in ("self", "kwargs")
+    ]
+    for key in gym_kwargs:
+        if key in _RESERVED_GYM_KWARGS:
+            raise ValueError(f"gym_kwargs.{key}: set it with {_RESERVED_GYM_KWARGS[key]} instead.")
+        if key not in accepted:
+            options = ", ".join(name for name in accepted if name not in _RESERVED_GYM_KWARGS)
+            raise ValueError(
+                f"gym_kwargs.{key} is not an argument of {task.__name__}; its arguments: {options}."
+            )
 
 
 def _make_parallel_envs(
@@ -597,10 +634,14 @@ class MaMuJoCoEnv(EnvBase):
             model. ``walker2d.xml`` is the Walker2d model of gym's v2 to v4, which the paper's code
             simulated: its right foot has friction 0.9, where v5 gives both feet 1.9. Not for the
             many-segment scenarios, whose model is generated from ``agent_conf``.
+        gym_kwargs: further arguments of the Gymnasium MuJoCo task gymnasium-robotics factorises (reward
+            weights, ranges, noise; e.g. ``{contact_cost_weight: 0}``, which gives Ant the reward of the
+            paper's code: it ran MuJoCo 2.0, which leaves the contact forces at zero, so its Ant paid no
+            contact cost). ``None`` (default): the task's defaults.
 
     Attributes:
         scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode, max_faults,
-            clip_actions, observation_layout, xml_file: the constructor arguments.
+            clip_actions, observation_layout, xml_file, gym_kwargs: the constructor arguments.
         faults: sub-env rebuilds so far (kept in the saved state).
         n_agents: number of agents; agent_names: gymnasium-robotics agent names (``"agent_0"``, ...).
         observation_sizes / action_sizes: per-agent unpadded observation / action sizes.
@@ -627,6 +668,7 @@ class MaMuJoCoEnv(EnvBase):
         clip_actions: bool = False,
         observation_layout: Literal["gymnasium", "official"] = "gymnasium",
         xml_file: str | None = None,
+        gym_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(agent_obsk, int) or isinstance(agent_obsk, bool) or agent_obsk < 0:
             raise ValueError(f"agent_obsk must be an integer >= 0, got {agent_obsk!r}.")
@@ -646,7 +688,7 @@ class MaMuJoCoEnv(EnvBase):
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {size!r}.")
         _check_scenario(scenario, agent_conf)
-        _check_xml_file(scenario, xml_file)
+        _check_task_options(scenario, xml_file, gym_kwargs)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
 
         self.scenario = scenario
@@ -658,16 +700,16 @@ class MaMuJoCoEnv(EnvBase):
         self.max_faults = max_faults
         self.clip_actions = bool(clip_actions)
         self.observation_layout = observation_layout
-        self.xml_file = xml_file
+        self.xml_file, self.gym_kwargs = xml_file, dict(gym_kwargs or {})
         self._faults = 0
 
-        gym_kwargs: dict[str, Any] = {} if xml_file is None else {"xml_file": xml_file}
+        task_kwargs = self.gym_kwargs | ({} if xml_file is None else {"xml_file": xml_file})
         if render_mode is not None:
             configure_headless_gl()
-            gym_kwargs |= {"render_mode": render_mode, "width": width, "height": height}
-            gym_kwargs["camera_name"] = camera_name
+            task_kwargs |= {"render_mode": render_mode, "width": width, "height": height}
+            task_kwargs["camera_name"] = camera_name
         self._rendered = False
-        self._gym_kwargs = gym_kwargs
+        self._gym_kwargs = task_kwargs
         self._penvs = self._make_parallel_envs(num_envs)
         penv = self._penvs[0]
         # Stepping the unwrapped MuJoCo env skips Gymnasium's TimeLimit (we apply our own) and checkers.

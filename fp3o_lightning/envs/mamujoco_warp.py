@@ -81,7 +81,8 @@ class MaMuJoCoWarpEnv(EnvBase):
     """``num_envs`` worlds of a MaMuJoCo task simulated by MuJoCo Warp on ``device``.
 
     ``scenario``, ``agent_conf``, ``agent_obsk``, ``max_episode_steps``, ``clip_actions``,
-    ``observation_layout`` and ``xml_file`` are :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s options.
+    ``observation_layout``, ``xml_file`` and ``gym_kwargs`` are
+    :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s options.
 
     Args:
         num_envs: worlds simulated in parallel (the batch size): thousands on a GPU.
@@ -114,6 +115,7 @@ class MaMuJoCoWarpEnv(EnvBase):
         clip_actions: bool = False,
         observation_layout: Literal["gymnasium", "official"] = "gymnasium",
         xml_file: str | None = None,
+        gym_kwargs: dict[str, Any] | None = None,
         nconmax: int | None = None,
         njmax: int | None = None,
         graph: bool = True,
@@ -131,6 +133,7 @@ class MaMuJoCoWarpEnv(EnvBase):
             clip_actions=clip_actions,
             observation_layout=observation_layout,
             xml_file=xml_file,
+            gym_kwargs=gym_kwargs,
             render_mode=render_mode,
             width=width,
             height=height,
@@ -149,6 +152,7 @@ class MaMuJoCoWarpEnv(EnvBase):
         self.scenario, self.agent_conf, self.agent_obsk = scenario, agent_conf, agent_obsk
         self.num_envs, self.max_episode_steps = num_envs, max_episode_steps
         self.clip_actions, self.observation_layout, self.xml_file = clip_actions, observation_layout, xml_file
+        self.gym_kwargs = task.gym_kwargs
         self.render_mode = render_mode
         for name in ("n_agents", "agent_names", "observation_sizes", "action_sizes", "max_obs_dim"):
             setattr(self, name, getattr(task, name))
