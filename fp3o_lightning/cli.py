@@ -396,6 +396,8 @@ def check_unchanged(path: str, given: dict[str, Any], model_class: type) -> None
     differ = []
     for name, value in given.items():
         before = saved.get(name, parameters[name].default)
+        if name == "env" and isinstance(value, dict) and isinstance(before, dict):
+            value = _typed_env_options(value, before)
         if name not in RESUMABLE and not _agrees(value, before):
             differ.append(f"model.{name}={value!r} (the checkpoint's: {before!r})")
     if differ:
@@ -405,6 +407,13 @@ def check_unchanged(path: str, given: dict[str, Any], model_class: type) -> None
             f"--ckpt_path. On resume, model.{', model.'.join(sorted(RESUMABLE))} and the Trainer's and "
             "logger's options may change."
         )
+
+
+def _typed_env_options(given: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """The ``model.env`` options given, typed as a run's are (``--model.env.<option> 5`` parses as the
+    text ``'5'``; the checkpoint holds the converted ``5``)."""
+    complete = validate_env({**saved, **given})
+    return {key: complete[key] for key in given}
 
 
 def _agrees(given: Any, saved: Any) -> bool:

@@ -79,6 +79,19 @@ def test_resuming_with_another_learning_problem_stops_naming_the_options(resumab
     assert steps(resumable, "train/iteration") == [100, 200]  # nothing ran
 
 
+def test_resuming_with_the_run_s_own_nested_env_option_from_the_command_line_continues(tmp_path, monkeypatch):
+    """A nested option on the command line arrives as text (``'0.005'``); the checkpoint holds it typed."""
+    monkeypatch.chdir(tmp_path)
+    noise = "--model.env.gym_kwargs.reset_noise_scale=0.005"
+    main([*ARGS, QUIET, noise, "--model.total_frames=100"])
+    with pytest.raises(ValueError, match="cannot change on resume") as error:
+        main([*ARGS, QUIET, "--model.env.gym_kwargs.reset_noise_scale=0.01", "--ckpt_path=last"])
+    assert "'reset_noise_scale': 0.01" in str(error.value)
+    main([*ARGS, QUIET, noise, "--model.total_frames=200", "--ckpt_path=last"])
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert steps(client, "train/iteration") == [100, 200]
+
+
 # ---- 2. total_frames ends the run
 
 
