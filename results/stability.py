@@ -15,27 +15,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from fp3o_lightning.report import latest_per_step
 
-def latest_per_frame(metrics: pd.DataFrame, key: str) -> pd.Series:
-    """The values of ``key`` by frame, the latest logged one where a resumed run logged a frame twice."""
-    rows = metrics[metrics["key"] == key].sort_values(["frames", "timestamp"])
-    return rows.groupby("frames")["value"].last()
+
+def curve(metrics: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The frames and values of ``key``, the latest logged one where a resumed run logged a frame twice."""
+    return latest_per_step(metrics[metrics["key"] == key].rename(columns={"frames": "step"}).itertuples())
 
 
 def stability(directory: Path, after: int, agree: float, last: int) -> dict[str, float]:
     """The run's late-training statistics (see the module's doc)."""
     metrics = pd.read_csv(directory / "metrics.csv")
-    returns, stds = (latest_per_frame(metrics, f"eval/return_{s}") for s in ("mean", "std"))
-    late = returns.index > after
-    training = latest_per_frame(metrics, "train/episode_return")
+    frames, returns = curve(metrics, "eval/return_mean")
+    stds = curve(metrics, "eval/return_std")[1]
+    late = frames > after
+    training_frames, training = curve(metrics, "train/episode_return")
     return {
         "evaluations": int(late.sum()),
         "agreeing": float((stds[late] < agree).mean()),
-        "std_between": float(returns[late].std()),
+        "std_between": float(returns[late].std(ddof=1)),
         "mean": float(returns[late].mean()),
-        "training_return": float(training[training.index > training.index.max() - last].mean()),
+        "training_return": float(training[training_frames > training_frames.max() - last].mean()),
     }
 
 
@@ -48,8 +51,8 @@ def plot(directories: list[Path], after: int, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(9, 4.5))
     for directory in directories:
-        returns = latest_per_frame(pd.read_csv(directory / "metrics.csv"), "eval/return_mean")
-        axes.plot(returns.index, returns.values, linewidth=1, label=directory.name)
+        frames, returns = curve(pd.read_csv(directory / "metrics.csv"), "eval/return_mean")
+        axes.plot(frames, returns, linewidth=1, label=directory.name)
     axes.axvspan(after, axes.get_xlim()[1], color="0.92", zorder=0)
     axes.set(xlabel="environment frames", ylabel="evaluation return (mean of the episodes)")
     axes.legend(fontsize=7)
