@@ -600,7 +600,7 @@ def plot_task(report: Report, task: str, path: Path) -> None:
         ax.legend(fontsize="small")
     percent = any(c.percent for k, c in report.cells.items() if k[1] == task)
     axes[0].set_ylabel(metric_label(metric, percent))
-    fig.suptitle(f"{task}: mean over seeds, shaded ± 1 std")
+    fig.suptitle(f"{task}\nmean over seeds, shaded ± 1 std", fontsize="medium")  # long task labels
     fig.savefig(path, dpi=110)
 
 
