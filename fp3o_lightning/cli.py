@@ -289,7 +289,10 @@ class FP3OCLI(LightningCLI):
             return
         given = self.given[self.config.subcommand].get("model")
         given = given.as_dict() if given is not None else {}
-        check_unchanged(config.ckpt_path, given, self.model_class)
+        try:
+            check_unchanged(config.ckpt_path, given, self.model_class)
+        except ConfigError as error:  # a given model.env option that is not of its type
+            self.exit_with(error)
         super()._parse_ckpt_path()  # a new self.config
         model = self.config[self.config.subcommand].model
         saved = load_checkpoint(config.ckpt_path).get("hyper_parameters", {})
@@ -336,7 +339,7 @@ class FP3OCLI(LightningCLI):
 
     def exit_with(self, error: ConfigError) -> None:
         """Print a configuration error alone (no traceback) and exit with status 2, as the parser does."""
-        print(f"fp3o {self.subcommand}: error: {error}", file=sys.stderr)
+        print(f"fp3o {self.config.subcommand}: error: {error}", file=sys.stderr)  # set before self.subcommand
         sys.exit(2)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -79,7 +79,9 @@ def test_resuming_with_another_learning_problem_stops_naming_the_options(resumab
     assert steps(resumable, "train/iteration") == [100, 200]  # nothing ran
 
 
-def test_resuming_with_the_run_s_own_nested_env_option_from_the_command_line_continues(tmp_path, monkeypatch):
+def test_resuming_with_the_run_s_own_nested_env_option_from_the_command_line_continues(
+    tmp_path, monkeypatch, capsys
+):
     """A nested option on the command line arrives as text (``'0.005'``); the checkpoint holds it typed."""
     monkeypatch.chdir(tmp_path)
     noise = "--model.env.gym_kwargs.reset_noise_scale=0.005"
@@ -87,6 +89,10 @@ def test_resuming_with_the_run_s_own_nested_env_option_from_the_command_line_con
     with pytest.raises(ValueError, match="cannot change on resume") as error:
         main([*ARGS, QUIET, "--model.env.gym_kwargs.reset_noise_scale=0.01", "--ckpt_path=last"])
     assert "'reset_noise_scale': 0.01" in str(error.value)
+    with pytest.raises(SystemExit) as exit_info:  # a value not of the option's type: its error, no traceback
+        main([*ARGS, QUIET, "--model.env.max_episode_steps=abc", "--ckpt_path=last"])
+    assert exit_info.value.code == 2
+    assert "model.env.max_episode_steps='abc' is not an int" in capsys.readouterr().err
     main([*ARGS, QUIET, noise, "--model.total_frames=200", "--ckpt_path=last"])
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert steps(client, "train/iteration") == [100, 200]
