@@ -1,10 +1,12 @@
-"""``model.env.xml_file`` and ``gym_kwargs``: the MuJoCo model a MaMuJoCo task simulates (Walker2d's model of
-gym v2–v4, which the paper's code simulated, against v5's) and further arguments of its Gymnasium task (Ant
-without contact cost, as the paper's code ran it), in every sub-env, with clear errors and their own task
-labels."""
+"""``model.env.xml_file``, ``timestep`` and ``gym_kwargs``: the MuJoCo model a MaMuJoCo task simulates
+(Walker2d's model of gym v2–v4, which the paper's code simulated, against v5's; the paper code's Manyagent
+Swimmer timestep) and further arguments of its Gymnasium task (Ant without contact cost, as the paper's code
+ran it), in every sub-env, with clear errors and their own task labels."""
 
 from __future__ import annotations
 
+import mujoco
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +15,6 @@ from fp3o_lightning.envs import MaMuJoCoEnv, task_name
 
 def foot_frictions(sim) -> tuple[float, float]:
     """The sliding friction of Walker2d's right and left foot."""
-    import mujoco
-
     geoms = (
         mujoco.mj_name2id(sim.model, mujoco.mjtObj.mjOBJ_GEOM, n) for n in ("foot_geom", "foot_left_geom")
     )
@@ -91,3 +91,42 @@ def test_another_model_is_another_task() -> None:
     assert task_name(ant) == "Ant 2x4 contact_cost_weight=0"
     flattened = {k: v for k, v in ant.items() if k != "gym_kwargs"} | {"gym_kwargs/contact_cost_weight": "0"}
     assert task_name(flattened) == task_name(ant)  # as MLflow logs the option
+
+
+def test_the_swimmer_steps_the_timestep_given() -> None:
+    """``timestep=0.005`` (the paper code's Manyagent Swimmer) in every sub-env, a rebuilt one included: an
+    env step is four MuJoCo steps of 0.005 s, and the reward is the torso's x velocity over those 0.02 s
+    less the control cost, where the default model steps 0.01 s."""
+    assert MaMuJoCoEnv("ManySegmentSwimmer", "8x2", agent_obsk=1)._sims[0].dt == pytest.approx(0.04)
+    env = MaMuJoCoEnv("ManySegmentSwimmer", "8x2", agent_obsk=1, num_envs=2, seed=0, timestep=0.005)
+    tensordict = env.reset()
+    env._rebuild(1)
+    assert [sim.model.opt.timestep for sim in env._sims] == [0.005, 0.005] and env.timestep == 0.005
+    sim = env._sims[0]
+    for _ in range(3):
+        action = env.rand_action(tensordict)
+        data = mujoco.MjData(sim.model)  # the state before the step, stepped by MuJoCo itself
+        data.qpos[:], data.qvel[:] = sim.data.qpos, sim.data.qvel
+        x_before = float(sim.data.qpos[0])
+        control = action["agents", "action"][0][env.action_mask].double().numpy()
+        tensordict = env.step(action)["next"]
+        data.ctrl[:] = sim.data.ctrl
+        for _ in range(4):
+            mujoco.mj_step(sim.model, data)
+        np.testing.assert_allclose(sim.data.qpos, data.qpos, rtol=1e-10, atol=1e-12)
+        expected = (float(data.qpos[0]) - x_before) / 0.02 - 1e-4 * float((control**2).sum())
+        assert float(tensordict["reward"][0]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_timesteps_that_cannot_be_used_are_refused_with_the_fix() -> None:
+    for timestep in (0, -0.01, float("nan"), "0.005", True):
+        with pytest.raises(ValueError, match=r"timestep must be .* a number > 0 \(e\.g\. 0\.005\)"):
+            MaMuJoCoEnv("ManySegmentSwimmer", "8x2", timestep=timestep)
+
+
+def test_another_timestep_is_another_task() -> None:
+    swimmer = {"name": "mamujoco", "scenario": "ManySegmentSwimmer", "agent_conf": "8x2"}
+    assert task_name(swimmer | {"timestep": 0.005}) == "ManySegmentSwimmer 8x2 timestep=0.005"
+    assert task_name(swimmer | {"timestep": "0.005"}) == task_name(swimmer | {"timestep": 0.005})  # MLflow's
+    unset = task_name(swimmer)
+    assert task_name(swimmer | {"timestep": None}) == task_name(swimmer | {"timestep": "None"}) == unset

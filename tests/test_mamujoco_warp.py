@@ -332,6 +332,13 @@ def test_the_warp_worlds_simulate_the_model_given() -> None:
         assert friction[0, foot, 0] == pytest.approx(right) and env.xml_file == xml_file
 
 
+def test_the_warp_worlds_step_the_timestep_given() -> None:
+    """``timestep`` reaches the Warp model and the reward's ``dt``: the paper code's Manyagent Swimmer."""
+    env = warp_env("ManySegmentSwimmer", "8x2", 2, timestep=0.005)
+    assert float(env._model.opt.timestep.numpy().ravel()[0]) == pytest.approx(0.005)
+    assert env._dynamics.dt == pytest.approx(0.02) and env.timestep == 0.005
+
+
 def test_the_warp_rewards_take_the_gym_kwargs() -> None:
     """``gym_kwargs`` reach the Warp backend's reward terms: Ant without contact cost."""
     env = warp_env("Ant", "2x4", 2, gym_kwargs={"contact_cost_weight": 0})

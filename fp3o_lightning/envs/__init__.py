@@ -125,8 +125,9 @@ def make_env(name: str, backend: str | None = None, **kwargs: Any) -> EnvBase:
 def task_name(env: dict[str, Any]) -> str:
     """A short task label for tables and run tags, e.g. ``HalfCheetah 6x1`` or ``3s5z``; a MaMuJoCo task
     observed through the paper code's layout where it differs from gymnasium-robotics' is another task
-    (``Hopper 3x1 official-obs``), and so is one simulating another model (``Walker2d 2x3 walker2d.xml``) or
-    with other task arguments (``Ant 2x4 contact_cost_weight=0``)."""
+    (``Hopper 3x1 official-obs``), and so is one simulating another model (``Walker2d 2x3 walker2d.xml``,
+    ``ManySegmentSwimmer 8x2 timestep=0.005``) or with other task arguments
+    (``Ant 2x4 contact_cost_weight=0``)."""
     if env.get("name") == "mamujoco":
         from fp3o_lightning.envs.observation_layouts import OFFICIAL_LAYOUT_DIFFERS
 
@@ -136,6 +137,8 @@ def task_name(env: dict[str, Any]) -> str:
             task += " official-obs"
         if env.get("xml_file") not in (None, "None"):  # "None" as MLflow logs it
             task += f" {os.path.basename(str(env['xml_file']))}"
+        if env.get("timestep") not in (None, "None"):
+            task += f" timestep={env['timestep']}"
         # gym_kwargs as a mapping (the options) or flattened into gym_kwargs/<key> (MLflow's params)
         gym_kwargs = env.get("gym_kwargs") if isinstance(env.get("gym_kwargs"), dict) else {}
         gym_kwargs = gym_kwargs | {

@@ -59,6 +59,7 @@ import ctypes.util
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import platform
 import re
@@ -266,19 +267,43 @@ def _check_task_options(scenario: str, xml_file: str | None, gym_kwargs: dict[st
             )
 
 
+def _check_timestep(timestep: float | None) -> None:
+    """Raise a ``ValueError`` that names the fix unless ``timestep`` is ``None`` or seconds > 0."""
+    number = isinstance(timestep, (int, float)) and not isinstance(timestep, bool)
+    if timestep is not None and not (number and math.isfinite(timestep) and timestep > 0):
+        raise ValueError(
+            f"timestep must be MuJoCo's simulation timestep in seconds, a number > 0 (e.g. 0.005), or None "
+            f"for the model file's, got {timestep!r}."
+        )
+
+
+def _set_timestep(penvs: list[Any], timestep: float | None) -> list[Any]:
+    """Give the MuJoCo model of each of ``penvs`` the simulation ``timestep`` (``None``: leave the model
+    file's). Gymnasium reads ``dt`` (timestep × frame skip) from the model at each step; its render rate is
+    set from ``dt`` at construction, so it is set again here."""
+    if timestep is not None:
+        for penv in penvs:
+            sim = penv.single_agent_env.unwrapped
+            sim.model.opt.timestep = timestep
+            sim.metadata = {**sim.metadata, "render_fps": int(np.round(1.0 / sim.dt))}
+    return penvs
+
+
 def _make_parallel_envs(
     scenario: str,
     agent_conf: str | None,
     agent_obsk: int,
     count: int,
     observation_layout: str = "gymnasium",
+    timestep: float | None = None,
     **gym_kwargs: Any,
 ) -> list[Any]:
     """Build ``count`` gymnasium-robotics ``parallel_env`` instances.
 
     ``observation_layout="official"`` gives them the paper code's observations
-    (:func:`~fp3o_lightning.envs.observation_layouts.official_layout`). ``gym_kwargs`` (e.g. ``render_mode``,
-    ``width``, ``height``) go to the Gymnasium MuJoCo env.
+    (:func:`~fp3o_lightning.envs.observation_layouts.official_layout`); ``timestep`` (seconds, ``None``: the
+    model file's) their simulation timestep. ``gym_kwargs`` (e.g. ``render_mode``, ``width``, ``height``) go
+    to the Gymnasium MuJoCo env.
 
     For the many-segment scenarios the MuJoCo XML is generated once into a private temporary directory
     (gymnasium-robotics writes it into its own package directory and deletes it afterwards, which races
@@ -288,10 +313,13 @@ def _make_parallel_envs(
     layout = official_layout(scenario, agent_conf, agent_obsk) if observation_layout == "official" else {}
 
     if scenario not in MANY_SEGMENT_SCENARIOS:
-        return [
-            mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **layout, **gym_kwargs)
-            for _ in range(count)
-        ]
+        return _set_timestep(
+            [
+                mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **layout, **gym_kwargs)
+                for _ in range(count)
+            ],
+            timestep,
+        )
 
     import gymnasium
     from gymnasium_robotics.envs.multiagent_mujoco import many_segment_ant, many_segment_swimmer
@@ -303,16 +331,20 @@ def _make_parallel_envs(
     with tempfile.TemporaryDirectory(prefix="fp3o_mamujoco_") as tmp:
         asset_path = os.path.join(tmp, f"{scenario}_{n_agents * per_agent}_segments.xml")
         gen_asset(n_segs=n_agents * per_agent, asset_path=asset_path)
-        return [
-            mamujoco_v1.parallel_env(
-                scenario,
-                agent_conf,
-                agent_obsk=agent_obsk,
-                gym_env=gymnasium.make(MANY_SEGMENT_SCENARIOS[scenario], xml_file=asset_path, **gym_kwargs),
-                **layout,
-            )
-            for _ in range(count)
-        ]
+        task_id = MANY_SEGMENT_SCENARIOS[scenario]
+        return _set_timestep(
+            [
+                mamujoco_v1.parallel_env(
+                    scenario,
+                    agent_conf,
+                    agent_obsk=agent_obsk,
+                    gym_env=gymnasium.make(task_id, xml_file=asset_path, **gym_kwargs),
+                    **layout,
+                )
+                for _ in range(count)
+            ],
+            timestep,
+        )
 
 
 #: The ``mjData`` arrays an observation may be gathered from (see :func:`_trace_gathers`), in the order of
@@ -638,10 +670,14 @@ class MaMuJoCoEnv(EnvBase):
             weights, ranges, noise; e.g. ``{contact_cost_weight: 0}``, which gives Ant the reward of the
             paper's code: it ran MuJoCo 2.0, which leaves the contact forces at zero, so its Ant paid no
             contact cost). ``None`` (default): the task's defaults.
+        timestep: MuJoCo's simulation timestep in seconds (each env step simulates the task's frame skip
+            times this); ``None`` (default): the model file's. ``0.005`` gives ManySegmentSwimmer the
+            paper code's: its generated model steps 0.005 s, gymnasium-robotics' 0.01 s (as Gymnasium's
+            Swimmer), so the paper's agents act every 0.02 s, ours every 0.04 s by default.
 
     Attributes:
         scenario, agent_conf, agent_obsk, num_envs, max_episode_steps, render_mode, max_faults,
-            clip_actions, observation_layout, xml_file, gym_kwargs: the constructor arguments.
+            clip_actions, observation_layout, xml_file, gym_kwargs, timestep: the constructor arguments.
         faults: sub-env rebuilds so far (kept in the saved state).
         n_agents: number of agents; agent_names: gymnasium-robotics agent names (``"agent_0"``, ...).
         observation_sizes / action_sizes: per-agent unpadded observation / action sizes.
@@ -669,6 +705,7 @@ class MaMuJoCoEnv(EnvBase):
         observation_layout: Literal["gymnasium", "official"] = "gymnasium",
         xml_file: str | None = None,
         gym_kwargs: dict[str, Any] | None = None,
+        timestep: float | None = None,
     ) -> None:
         if not isinstance(agent_obsk, int) or isinstance(agent_obsk, bool) or agent_obsk < 0:
             raise ValueError(f"agent_obsk must be an integer >= 0, got {agent_obsk!r}.")
@@ -689,6 +726,7 @@ class MaMuJoCoEnv(EnvBase):
                 raise ValueError(f"{name} must be an integer >= 1, got {size!r}.")
         _check_scenario(scenario, agent_conf)
         _check_task_options(scenario, xml_file, gym_kwargs)
+        _check_timestep(timestep)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
 
         self.scenario = scenario
@@ -700,7 +738,7 @@ class MaMuJoCoEnv(EnvBase):
         self.max_faults = max_faults
         self.clip_actions = bool(clip_actions)
         self.observation_layout = observation_layout
-        self.xml_file, self.gym_kwargs = xml_file, dict(gym_kwargs or {})
+        self.xml_file, self.gym_kwargs, self.timestep = xml_file, dict(gym_kwargs or {}), timestep
         self._faults = 0
 
         task_kwargs = self.gym_kwargs | ({} if xml_file is None else {"xml_file": xml_file})
@@ -763,6 +801,7 @@ class MaMuJoCoEnv(EnvBase):
             self.agent_obsk,
             count,
             self.observation_layout,
+            self.timestep,
             **self._gym_kwargs,
         )
 

@@ -81,7 +81,7 @@ class MaMuJoCoWarpEnv(EnvBase):
     """``num_envs`` worlds of a MaMuJoCo task simulated by MuJoCo Warp on ``device``.
 
     ``scenario``, ``agent_conf``, ``agent_obsk``, ``max_episode_steps``, ``clip_actions``,
-    ``observation_layout``, ``xml_file`` and ``gym_kwargs`` are
+    ``observation_layout``, ``xml_file``, ``gym_kwargs`` and ``timestep`` are
     :class:`~fp3o_lightning.envs.mamujoco.MaMuJoCoEnv`'s options.
 
     Args:
@@ -116,6 +116,7 @@ class MaMuJoCoWarpEnv(EnvBase):
         observation_layout: Literal["gymnasium", "official"] = "gymnasium",
         xml_file: str | None = None,
         gym_kwargs: dict[str, Any] | None = None,
+        timestep: float | None = None,
         nconmax: int | None = None,
         njmax: int | None = None,
         graph: bool = True,
@@ -134,6 +135,7 @@ class MaMuJoCoWarpEnv(EnvBase):
             observation_layout=observation_layout,
             xml_file=xml_file,
             gym_kwargs=gym_kwargs,
+            timestep=timestep,
             render_mode=render_mode,
             width=width,
             height=height,
@@ -152,7 +154,7 @@ class MaMuJoCoWarpEnv(EnvBase):
         self.scenario, self.agent_conf, self.agent_obsk = scenario, agent_conf, agent_obsk
         self.num_envs, self.max_episode_steps = num_envs, max_episode_steps
         self.clip_actions, self.observation_layout, self.xml_file = clip_actions, observation_layout, xml_file
-        self.gym_kwargs = task.gym_kwargs
+        self.gym_kwargs, self.timestep = task.gym_kwargs, timestep
         self.render_mode = render_mode
         for name in ("n_agents", "agent_names", "observation_sizes", "action_sizes", "max_obs_dim"):
             setattr(self, name, getattr(task, name))
