@@ -277,16 +277,12 @@ def _check_timestep(timestep: float | None) -> None:
         )
 
 
-def _set_timestep(penvs: list[Any], timestep: float | None) -> list[Any]:
-    """Give the MuJoCo model of each of ``penvs`` the simulation ``timestep`` (``None``: leave the model
-    file's). Gymnasium reads ``dt`` (timestep × frame skip) from the model at each step; its render rate is
-    set from ``dt`` at construction, so it is set again here."""
-    if timestep is not None:
-        for penv in penvs:
-            sim = penv.single_agent_env.unwrapped
-            sim.model.opt.timestep = timestep
-            sim.metadata = {**sim.metadata, "render_fps": int(np.round(1.0 / sim.dt))}
-    return penvs
+def _set_timestep(sim: Any, timestep: float) -> None:
+    """Give the Gymnasium MuJoCo env ``sim`` the simulation ``timestep``. Gymnasium reads ``dt`` (timestep ×
+    frame skip) from the model at each step; its render rate is set from ``dt`` at construction, so it is set
+    again here."""
+    sim.model.opt.timestep = timestep
+    sim.metadata = {**sim.metadata, "render_fps": int(np.round(1.0 / sim.dt))}
 
 
 def _make_parallel_envs(
@@ -295,15 +291,13 @@ def _make_parallel_envs(
     agent_obsk: int,
     count: int,
     observation_layout: str = "gymnasium",
-    timestep: float | None = None,
     **gym_kwargs: Any,
 ) -> list[Any]:
     """Build ``count`` gymnasium-robotics ``parallel_env`` instances.
 
     ``observation_layout="official"`` gives them the paper code's observations
-    (:func:`~fp3o_lightning.envs.observation_layouts.official_layout`); ``timestep`` (seconds, ``None``: the
-    model file's) their simulation timestep. ``gym_kwargs`` (e.g. ``render_mode``, ``width``, ``height``) go
-    to the Gymnasium MuJoCo env.
+    (:func:`~fp3o_lightning.envs.observation_layouts.official_layout`). ``gym_kwargs`` (e.g. ``render_mode``,
+    ``width``, ``height``) go to the Gymnasium MuJoCo env.
 
     For the many-segment scenarios the MuJoCo XML is generated once into a private temporary directory
     (gymnasium-robotics writes it into its own package directory and deletes it afterwards, which races
@@ -313,13 +307,10 @@ def _make_parallel_envs(
     layout = official_layout(scenario, agent_conf, agent_obsk) if observation_layout == "official" else {}
 
     if scenario not in MANY_SEGMENT_SCENARIOS:
-        return _set_timestep(
-            [
-                mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **layout, **gym_kwargs)
-                for _ in range(count)
-            ],
-            timestep,
-        )
+        return [
+            mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **layout, **gym_kwargs)
+            for _ in range(count)
+        ]
 
     import gymnasium
     from gymnasium_robotics.envs.multiagent_mujoco import many_segment_ant, many_segment_swimmer
@@ -331,20 +322,16 @@ def _make_parallel_envs(
     with tempfile.TemporaryDirectory(prefix="fp3o_mamujoco_") as tmp:
         asset_path = os.path.join(tmp, f"{scenario}_{n_agents * per_agent}_segments.xml")
         gen_asset(n_segs=n_agents * per_agent, asset_path=asset_path)
-        task_id = MANY_SEGMENT_SCENARIOS[scenario]
-        return _set_timestep(
-            [
-                mamujoco_v1.parallel_env(
-                    scenario,
-                    agent_conf,
-                    agent_obsk=agent_obsk,
-                    gym_env=gymnasium.make(task_id, xml_file=asset_path, **gym_kwargs),
-                    **layout,
-                )
-                for _ in range(count)
-            ],
-            timestep,
-        )
+        return [
+            mamujoco_v1.parallel_env(
+                scenario,
+                agent_conf,
+                agent_obsk=agent_obsk,
+                gym_env=gymnasium.make(MANY_SEGMENT_SCENARIOS[scenario], xml_file=asset_path, **gym_kwargs),
+                **layout,
+            )
+            for _ in range(count)
+        ]
 
 
 #: The ``mjData`` arrays an observation may be gathered from (see :func:`_trace_gathers`), in the order of
@@ -795,15 +782,18 @@ class MaMuJoCoEnv(EnvBase):
 
     # ------------------------------------------------------------------ setup
     def _make_parallel_envs(self, count: int) -> list[Any]:
-        return _make_parallel_envs(
+        penvs = _make_parallel_envs(
             self.scenario,
             self.agent_conf,
             self.agent_obsk,
             count,
             self.observation_layout,
-            self.timestep,
             **self._gym_kwargs,
         )
+        if self.timestep is not None:
+            for penv in penvs:
+                _set_timestep(penv.single_agent_env.unwrapped, self.timestep)
+        return penvs
 
     def _build_action_mapping(self, penv: Any) -> None:
         """Precompute the padded-agent-action -> global-action gather and the per-entry bounds."""
